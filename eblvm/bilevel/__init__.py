@@ -1,0 +1,1 @@
+"""The bi-level training step: functional unroll and the Lightning module."""

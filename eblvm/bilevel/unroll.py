@@ -1,0 +1,114 @@
+"""Differentiable (unrolled) optimizer steps on a posterior's weights, continuing its real optimizer.
+
+The unroll starts from detached copies of q's weights and of its optimizer state, takes ``n_steps`` steps on
+the lower loss with ``create_graph=True``, and returns the final weights ``φ_N`` as functions of the energy's
+parameters θ, so the higher loss's gradient holds the hypergradient through ``φ_N(θ)``. The real posterior
+and its optimizer are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from eblvm.posteriors.base import BoundPosterior, Posterior
+
+Tensors = dict[str, torch.Tensor]
+
+# Inside Adam's square root: keeps d√v/dv finite where the second moment is exactly zero.
+SQRT_STABILISER = 1e-16
+
+
+def _param_group(optimizer: torch.optim.Optimizer) -> dict:
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(f"the unroll expects one parameter group, got {len(optimizer.param_groups)}")
+    return optimizer.param_groups[0]
+
+
+def adam_step(params: Tensors, grads: Tensors, state: dict[str, Tensors], group: dict):
+    """One Adam step (``torch.optim.Adam`` semantics, coupled weight decay), differentiable in every term.
+
+    ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``, ``φ ← φ − lr·(m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ) + δ) + eps)``,
+    with ``δ`` = ``SQRT_STABILISER``; the preconditioner is not detached.
+    """
+    beta1, beta2 = group["betas"]
+    new_params, new_state = {}, {}
+    for name, param in params.items():
+        grad = grads[name] + group["weight_decay"] * param if group["weight_decay"] else grads[name]
+        step = state[name]["step"] + 1
+        exp_avg = beta1 * state[name]["exp_avg"] + (1 - beta1) * grad
+        exp_avg_sq = beta2 * state[name]["exp_avg_sq"] + (1 - beta2) * grad * grad
+        denom = torch.sqrt(exp_avg_sq / (1 - beta2**step) + SQRT_STABILISER) + group["eps"]
+        new_params[name] = param - group["lr"] * (exp_avg / (1 - beta1**step)) / denom
+        new_state[name] = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    return new_params, new_state
+
+
+def adam_state(optimizer: torch.optim.Adam, named_params: dict[str, torch.nn.Parameter]) -> dict[str, Tensors]:
+    """Detached copies of Adam's moments and step count (zeros before its first step)."""
+    state = {}
+    for name, param in named_params.items():
+        real = optimizer.state.get(param, {})
+        state[name] = {
+            "step": float(real["step"]) if "step" in real else 0.0,
+            "exp_avg": real["exp_avg"].detach().clone() if "exp_avg" in real else torch.zeros_like(param),
+            "exp_avg_sq": real["exp_avg_sq"].detach().clone() if "exp_avg_sq" in real else torch.zeros_like(param),
+        }
+    return state
+
+
+def sgd_step(params: Tensors, grads: Tensors, state: dict[str, Tensors], group: dict):
+    """One SGD step (``torch.optim.SGD`` semantics: weight decay, momentum with dampening, Nesterov)."""
+    new_params, new_state = {}, {}
+    for name, param in params.items():
+        grad = grads[name] + group["weight_decay"] * param if group["weight_decay"] else grads[name]
+        buffer = state[name].get("momentum_buffer")
+        if group["momentum"]:
+            buffer = grad if buffer is None else group["momentum"] * buffer + (1 - group["dampening"]) * grad
+            grad = grad + group["momentum"] * buffer if group["nesterov"] else buffer
+        new_params[name] = param - group["lr"] * grad
+        new_state[name] = {"momentum_buffer": buffer}
+    return new_params, new_state
+
+
+def sgd_state(optimizer: torch.optim.SGD, named_params: dict[str, torch.nn.Parameter]) -> dict[str, Tensors]:
+    """Detached copies of SGD's momentum buffers (``None`` before its first step)."""
+    state = {}
+    for name, param in named_params.items():
+        buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+        state[name] = {"momentum_buffer": None if buffer is None else buffer.detach().clone()}
+    return state
+
+
+def unroll(
+    posterior: Posterior,
+    optimizer: torch.optim.Optimizer,
+    lower_loss: Callable[[BoundPosterior], torch.Tensor],
+    n_steps: int,
+) -> BoundPosterior:
+    """``n_steps`` differentiable steps of ``optimizer``'s rule on ``lower_loss``, from q's current state.
+
+    Returns q bound to the final weights. With ``n_steps = 0`` these are q's detached current weights (plain
+    alternating training: no gradient reaches q from the higher loss).
+    """
+    if n_steps == 0:
+        return BoundPosterior.detached(posterior)
+    if isinstance(optimizer, torch.optim.Adam) and not optimizer.defaults.get("decoupled_weight_decay", False):
+        step_fn, state_fn = adam_step, adam_state
+    elif type(optimizer) is torch.optim.SGD:
+        step_fn, state_fn = sgd_step, sgd_state
+    else:
+        raise ValueError(f"cannot unroll {type(optimizer).__name__}: use optim.name=adam or optim.name=sgd")
+    group = _param_group(optimizer)
+    named = dict(posterior.named_parameters())
+    state = state_fn(optimizer, named)
+    params = {name: p.detach().requires_grad_(True) for name, p in named.items()}
+    for _ in range(n_steps):
+        loss = lower_loss(BoundPosterior(posterior, params))
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+        grads = {
+            name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads, strict=True)
+        }
+        params, state = step_fn(params, grads, state, group)
+    return BoundPosterior(posterior, params)

@@ -1,0 +1,39 @@
+"""Errors that end a run with a message a user can act on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, raised before any training starts.
+
+    ``key`` is the dotted config key as a user would override it (``objective.sigma``), so the message can be
+    pasted back as a fix. Components raise it with their argument name; ``with_prefix`` adds the config group.
+    """
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r}: {allowed}")
+
+    def with_prefix(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.key}", self.value, self.allowed)
+
+
+class DivergenceError(RuntimeError):
+    """A loss or gradient became NaN or infinite; the run stops and keeps its last finite checkpoint."""
+
+    def __init__(self, step: int, quantity: str, value: float):
+        self.step, self.quantity, self.value = step, quantity, value
+        super().__init__(f"training diverged at step {step}: {quantity} is {value}")
+
+
+def require(condition: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ``ConfigError(key, value, allowed)`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(key, value, allowed)
+
+
+def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one of ``choices``."""
+    require(value in choices, key, value, f"must be one of {', '.join(choices)}")

@@ -1,0 +1,1 @@
+"""Metrics and figures: likelihoods, score-matching objectives, plots."""

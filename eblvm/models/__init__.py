@@ -1,0 +1,6 @@
+"""Energy models ``E(v, h)``."""
+
+from eblvm.models.base import EnergyModel
+from eblvm.models.grbm import GRBM
+
+__all__ = ["GRBM", "EnergyModel"]

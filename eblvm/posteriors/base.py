@@ -1,0 +1,76 @@
+"""The variational posterior interface and a view of it with explicit parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+Dist = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+class Posterior(nn.Module):
+    """``q_φ(h|v)``: ``forward(v)`` returns the distribution's parameters (logits, or mean and log-std).
+
+    Sampling and densities are pure functions of those parameters, so a posterior can be evaluated with
+    unrolled copies of its weights (``torch.func.functional_call``) and still sample and score.
+    """
+
+    latent_type: str = "continuous"
+    h_dim: int
+
+    def rsample(self, dist: Dist, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n_samples`` reparameterised draws, shape ``(n_samples, B, m)``."""
+        raise NotImplementedError
+
+    def log_prob(self, h: torch.Tensor, dist: Dist) -> torch.Tensor:
+        """``log q(h|v)`` summed over latent dimensions, broadcast over leading axes of ``h``."""
+        raise NotImplementedError
+
+    def mean(self, dist: Dist) -> torch.Tensor:
+        """``E_q[h|v]``, shape ``(B, m)``."""
+        raise NotImplementedError
+
+
+class BoundPosterior:
+    """A posterior module evaluated with a given set of weights ``φ`` (a name → tensor mapping).
+
+    The unroll produces weights that are functions of the energy's parameters; binding them here lets the
+    losses treat the real module and its unrolled copy alike.
+    """
+
+    def __init__(self, module: Posterior, params: Mapping[str, torch.Tensor] | None = None):
+        self.module = module
+        self.params = params
+
+    def __call__(self, v: torch.Tensor) -> Dist:
+        if self.params is None:
+            return self.module(v)
+        return functional_call(self.module, dict(self.params), (v,))
+
+    def rsample(self, dist: Dist, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.module.rsample(dist, n_samples, generator)
+
+    def log_prob(self, h: torch.Tensor, dist: Dist) -> torch.Tensor:
+        return self.module.log_prob(h, dist)
+
+    def mean(self, dist: Dist) -> torch.Tensor:
+        return self.module.mean(dist)
+
+    @classmethod
+    def detached(cls, module: Posterior) -> BoundPosterior:
+        """The module's current weights, cut from their history: the higher loss never updates q itself."""
+        return cls(module, {name: p.detach() for name, p in module.named_parameters()})
+
+
+def tanh_mlp(in_dim: int, out_dim: int, hidden_dim: int = 200) -> nn.Sequential:
+    """Two tanh layers of ``hidden_dim`` then a linear output layer (the papers' vector posterior net)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.Tanh(),
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.Tanh(),
+        nn.Linear(hidden_dim, out_dim),
+    )
