@@ -1,0 +1,195 @@
+"""The Lightning module: one bi-level iteration per batch, with manual optimization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch.func import functional_call
+
+from eblvm.bilevel.optim import OptimConfig
+from eblvm.bilevel.unroll import unroll
+from eblvm.errors import DivergenceError
+from eblvm.evaluation.likelihood import LogPartition, log_likelihood, log_partition
+from eblvm.models.base import EnergyModel
+from eblvm.objectives.higher import score_matching
+from eblvm.objectives.score_matching import ScoreMatching
+from eblvm.posteriors.base import BoundPosterior, Posterior
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``evaluation.*``: how log Z is computed (exact up to ``exact_max_h_dim`` hidden units, else AIS)."""
+
+    exact_max_h_dim: int = 20
+    ais_temperatures: int = 1000
+    ais_chains: int = 500
+
+
+class BilevelModule(pl.LightningModule):
+    """Trains an energy model, and a variational posterior when the objective needs one.
+
+    Per batch ``v`` (METHODS §1.4):
+
+    1. ``n_lower_steps`` real steps of q on the lower loss with the energy held fixed, then q's scheduler step;
+    2. ``n_unroll`` differentiable steps from detached copies of q's weights and optimizer state (``φ_N(θ)``);
+    3. the higher loss with ``φ_N``, backward into θ only, optional clipping, one energy step and its schedule.
+
+    Exact-score objectives skip 1–2. Every rank draws its own noise from a generator seeded ``seed + rank``.
+    A non-finite loss or gradient raises ``DivergenceError`` before the parameters are touched.
+    """
+
+    def __init__(
+        self,
+        model: EnergyModel,
+        posterior: Posterior | None,
+        objective: ScoreMatching,
+        optim: OptimConfig,
+        evaluation: EvalConfig,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.posterior = posterior if objective.needs_posterior else None
+        self.objective = objective
+        self.optim = optim
+        self.evaluation = evaluation
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._generator_state: torch.Tensor | None = None
+        self._log_z: LogPartition | None = None
+
+    # randomness -----------------------------------------------------------------------------------------------
+    @property
+    def generator(self) -> torch.Generator:
+        """This rank's noise generator, created on the module's device and seeded ``seed + global_rank``."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+            self._generator.manual_seed(self.seed + self.global_rank)
+            if self._generator_state is not None:
+                self._generator.set_state(self._generator_state)
+                self._generator_state = None
+        return self._generator
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["eblvm_generator_state"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._generator, self._generator_state = None, checkpoint.get("eblvm_generator_state")
+
+    def __getstate__(self):  # a generator is rebuilt in each process (spawned DDP workers included)
+        state = super().__getstate__()
+        state["_generator_state"] = None if self._generator is None else self._generator.get_state()
+        state["_generator"] = None
+        return state
+
+    # optimizers -----------------------------------------------------------------------------------------------
+    @property
+    def trains_posterior(self) -> bool:
+        return self.posterior is not None and any(True for _ in self.posterior.parameters())
+
+    def configure_optimizers(self):
+        total_steps = max(int(self.trainer.max_steps), 1)
+        optimizers = [self.optim.optimizer(self.model.parameters(), self.optim.lr)]
+        if self.trains_posterior:
+            optimizers.append(self.optim.optimizer(self.posterior.parameters(), self.optim.posterior_lr))
+        return optimizers, [self.optim.scheduler_for(opt, total_steps) for opt in optimizers]
+
+    def _as_list(self, things) -> list:
+        return list(things) if isinstance(things, list | tuple) else [things]
+
+    # training -------------------------------------------------------------------------------------------------
+    def _frozen_model(self):
+        """The energy with its parameters detached: the lower level holds θ fixed."""
+        detached = {name: p.detach() for name, p in self.model.named_parameters()}
+        return lambda v, h: functional_call(self.model, detached, (v, h))
+
+    def _grad_norm(self, params) -> torch.Tensor:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+    def _check_finite(self, quantity: str, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Stop on a non-finite loss or gradient norm (gradients are all-reduced, so every rank agrees)."""
+        for name, value in ((f"{quantity} loss", loss), (f"{quantity} gradient norm", grad_norm)):
+            if not torch.isfinite(value):
+                raise DivergenceError(self.global_step, name, float(value))
+
+    def _lower_level(self, v: torch.Tensor, optimizer, scheduler) -> dict[str, torch.Tensor]:
+        frozen, q = self._frozen_model(), BoundPosterior(self.posterior)
+        logs = {}
+        for _ in range(self.objective.n_lower_steps):
+            loss = self.objective.lower_loss(frozen, q, v, self.generator)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            grad_norm = self._grad_norm(self.posterior.parameters())
+            self._check_finite("lower", loss.detach(), grad_norm)
+            optimizer.optimizer.step()  # the raw optimizer: global_step counts energy steps only
+            logs = {"train/lower_loss": loss.detach(), "train/posterior_grad_norm": grad_norm}
+        scheduler.step()
+        return logs
+
+    def training_step(self, v: torch.Tensor, batch_idx: int) -> None:
+        optimizers = self._as_list(self.optimizers())
+        schedulers = self._as_list(self.lr_schedulers())
+        logs = {}
+        if self.trains_posterior:
+            logs.update(self._lower_level(v, optimizers[1], schedulers[1]))
+            q = unroll(
+                self.posterior,
+                optimizers[1].optimizer,
+                lambda q_unrolled: self.objective.lower_loss(self.model, q_unrolled, v, self.generator),
+                self.objective.n_unroll,
+            )
+        else:
+            q = None if self.posterior is None else BoundPosterior(self.posterior)
+        loss = self.objective.higher_loss(self.model, q, v, self.generator)
+        optimizers[0].zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grad_norm = self._grad_norm(self.model.parameters())
+        self._check_finite("higher", loss.detach(), grad_norm)
+        if self.optim.clip_grad_norm is not None:
+            self.clip_gradients(optimizers[0], self.optim.clip_grad_norm, "norm")
+        optimizers[0].step()
+        schedulers[0].step()
+        logs.update({"train/loss": loss.detach(), "train/grad_norm": grad_norm})
+        logs["train/lr"] = torch.tensor(optimizers[0].param_groups[0]["lr"])
+        self.log_dict(logs, prog_bar=False, batch_size=v.shape[0])
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=v.shape[0])
+
+    # evaluation -----------------------------------------------------------------------------------------------
+    def _start_evaluation(self) -> None:
+        has_log_z = hasattr(self.model, "log_partition")
+        self._log_z = (
+            log_partition(self.model, **vars(self.evaluation), generator=self.generator) if has_log_z else None
+        )
+
+    def evaluate_batch(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-batch metrics: the objective itself, the SM objective, and the log-likelihood where log Z exists."""
+        q = None if self.posterior is None else BoundPosterior.detached(self.posterior)
+        with torch.enable_grad():
+            metrics = {"objective": self.objective.higher_loss(self.model, q, v, self.generator).detach()}
+            if self.model.has_free_energy:
+                metrics["sm_objective"] = score_matching(self.model.score, v).detach()
+        if self._log_z is not None:
+            metrics["log_likelihood"] = log_likelihood(self.model, v, self._log_z)
+        return metrics
+
+    def _log_evaluation(self, stage: str, v: torch.Tensor) -> None:
+        metrics = {f"{stage}/{name}": value for name, value in self.evaluate_batch(v).items()}
+        self.log_dict(metrics, batch_size=v.shape[0], sync_dist=True, prog_bar=stage == "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def validation_step(self, v: torch.Tensor, batch_idx: int) -> None:
+        self._log_evaluation("val", v)
+
+    def test_step(self, v: torch.Tensor, batch_idx: int) -> None:
+        self._log_evaluation("test", v)
