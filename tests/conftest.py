@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -18,3 +22,32 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Settings that keep an end-to-end run to seconds: few steps, small evaluation, short Gibbs chains.
+FAST_RUN = [
+    "trainer.max_steps=30",
+    "trainer.val_check_interval=15",
+    "trainer.limit_val_batches=2",
+    "callbacks.progress.refresh_rate=0",
+    "data.splits.n_train=2000",
+    "data.splits.n_val=500",
+    "data.splits.n_test=500",
+    "plots.n_samples=200",
+    "plots.gibbs_sweeps=20",
+    "logger=csv",
+]
+
+
+def compose_train_config(output_dir: Path, overrides: list[str]) -> DictConfig:
+    """The config ``python train.py <overrides>`` would run, writing into ``output_dir``."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.data_dir = str(output_dir)
+        del cfg.hydra  # as in a real run: the job's config holds no hydra node (the resolver still reads it)
+    return cfg

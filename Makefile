@@ -1,0 +1,41 @@
+# eblvm: `make train` trains the default model, `make test` runs the tests. Both set up .venv first if needed.
+# VENV can point elsewhere (CI keeps one venv across clones): make test VENV=~/.cache/eblvm/venv
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+# Reinstall only when pyproject.toml changes or the checkout moves.
+STAMP := $(VENV)/.eblvm-$(shell cat pyproject.toml | sha1sum | cut -c1-10)-$(shell pwd | sha1sum | cut -c1-10)
+TORCH := torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+
+.PHONY: install train test test-fast lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PYTHON) || python3 -m venv $(VENV)
+	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH)
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	@rm -f $(VENV)/.eblvm-* && touch $@
+
+train: install  ## the default run (GRBM 2->4, BiDSM, checkerboard); extra overrides: make train ARGS="seed=2"
+	$(PYTHON) train.py $(ARGS)
+
+test: install  ## every test, the slow end-to-end ones included
+	$(PYTHON) -m pytest -q
+
+test-fast: install  ## skip the tests marked slow
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: install
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+bench: install  ## speed and memory of a training iteration on this machine
+	$(PYTHON) benchmarks/bench_iteration.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

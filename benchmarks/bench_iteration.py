@@ -1,0 +1,127 @@
+"""Milliseconds per training iteration and peak memory, BiDSM against plain DSM.
+
+    python benchmarks/bench_iteration.py            # the full table (a few minutes on 2 CPU cores)
+    python benchmarks/bench_iteration.py --steps 20 # quicker, noisier
+
+Each measurement runs in its own process so peak memory (max RSS on CPU, max allocated on a GPU) is its own.
+Settings: (a) the default toy run (GRBM 2->4, BiDSM sigma 0.05, K=5 lower steps, N=5 unrolled, batch 100);
+(b) a Frey-Face-sized GRBM 560->400 with BiDSM sigma 0.3, K=5, N=5, batch 100 on random data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "toy": {"v_dim": 2, "h_dim": 4, "sigma": 0.05},
+    "frey": {"v_dim": 560, "h_dim": 400, "sigma": 0.3},
+}
+
+
+def measure(setting: str, estimator: str, n_unroll: int, steps: int, warmup: int, device: str) -> dict:
+    """Train ``warmup + steps`` iterations through Lightning; time the last ``steps``."""
+    import pytorch_lightning as pl
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from eblvm.bilevel.module import BilevelModule, EvalConfig
+    from eblvm.bilevel.optim import OptimConfig
+    from eblvm.models import GRBM
+    from eblvm.objectives import ScoreMatching
+    from eblvm.posteriors import RelaxedBernoulliPosterior
+
+    class Timer(pl.Callback):
+        def __init__(self):
+            self.durations: list[float] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.durations.append(time.perf_counter() - self.start)
+
+    pl.seed_everything(0, verbose=False)
+    spec = SETTINGS[setting]
+    objective = ScoreMatching(
+        higher="dsm", estimator=estimator, sigma=spec["sigma"], n_lower_steps=5, n_unroll=n_unroll
+    )
+    model = GRBM(spec["v_dim"], spec["h_dim"])
+    posterior = RelaxedBernoulliPosterior(spec["v_dim"], spec["h_dim"])
+    module = BilevelModule(model, posterior, objective, OptimConfig(), EvalConfig(), seed=0)
+    data = torch.rand(100 * (steps + warmup), spec["v_dim"])
+    loader = torch.utils.data.DataLoader(data, batch_size=100, shuffle=True, drop_last=True)
+    timer = Timer()
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_steps=steps + warmup,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(module, loader)
+    timed = timer.durations[warmup:]
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "setting": setting,
+        "estimator": estimator,
+        "n_unroll": n_unroll,
+        "ms_median": 1000 * statistics.median(timed),
+        "ms_mean": 1000 * statistics.fmean(timed),
+        "peak_mb": peak_mb,
+        "device": device,
+    }
+
+
+def run_isolated(args: argparse.Namespace, setting: str, estimator: str, n_unroll: int) -> dict:
+    command = [sys.executable, __file__, "--single", setting, estimator, str(n_unroll)]
+    command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100, help="timed iterations per measurement")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--single", nargs=3, metavar=("SETTING", "ESTIMATOR", "N_UNROLL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        setting, estimator, n_unroll = args.single
+        print(json.dumps(measure(setting, estimator, int(n_unroll), args.steps, args.warmup, args.device)))
+        return
+
+    print(f"ms per iteration (median of {args.steps}, after {args.warmup} warm-up), device {args.device}")
+    print(f"{'setting':<8} {'BiDSM K5 N5':>12} {'DSM':>8} {'ratio':>7}")
+    for setting in SETTINGS:
+        bism = run_isolated(args, setting, "bism", 5)
+        exact = run_isolated(args, setting, "exact", 0)
+        ratio = bism["ms_median"] / exact["ms_median"]
+        print(f"{setting:<8} {bism['ms_median']:>12.2f} {exact['ms_median']:>8.2f} {ratio:>7.1f}")
+    label = "max RSS" if args.device == "cpu" else "max GPU memory allocated"
+    print(f"\nGRBM 560->400 BiDSM K=5, peak memory ({label}, MiB) and ms per iteration by n_unroll")
+    for n_unroll in (0, 1, 5, 10):
+        result = run_isolated(args, "frey", "bism", n_unroll)
+        print(f"n_unroll={n_unroll:<3} {result['peak_mb']:>9.1f} MiB {result['ms_median']:>9.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

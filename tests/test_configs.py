@@ -1,0 +1,98 @@
+"""Every config option composes and instantiates; bad values stop before training with a clear message."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from scipy.io import savemat
+
+from eblvm.bilevel.optim import OptimConfig
+from eblvm.errors import ConfigError
+from eblvm.objectives import ScoreMatching
+from eblvm.run import build, build_dataclass, check_pairing, run
+from tests.conftest import FAST_RUN, ROOT, compose_train_config
+from tests.models import GaussianLinear
+
+GROUPS = ["data", "model", "posterior", "objective", "optim", "trainer", "logger", "callbacks", "experiment"]
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((ROOT / "conf" / group).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_instantiates(tmp_path, group, option):
+    rng = np.random.default_rng(0)
+    savemat(tmp_path / "frey_rawface.mat", {"ff": rng.integers(0, 256, (560, 40), dtype=np.uint8)})
+    np.save(tmp_path / "points.npy", rng.random((50, 3)).astype(np.float32))
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("data", "freyface"):
+        overrides += ["data.splits.n_train=20", "data.splits.n_val=10"]
+    if (group, option) == ("data", "tensor_file"):
+        overrides += [f"data.splits.path={tmp_path / 'points.npy'}"]
+    cfg = compose_train_config(tmp_path, overrides)
+
+    objective = build("objective", cfg.objective)
+    build_dataclass("optim", OptimConfig, cfg.optim)
+    datamodule = build("data", cfg.data)
+    model = build("model", cfg.model, v_dim=datamodule.dim)
+    posterior = build("posterior", cfg.posterior, v_dim=datamodule.dim, model=model)
+    assert posterior.h_dim == model.h_dim
+    if not (group == "posterior" and option == "gaussian_mlp"):  # continuous q cannot pair with a GRBM
+        check_pairing(model, posterior, objective)
+    for node in list((cfg.logger or {}).values()) + list(cfg.callbacks.values()):
+        instantiate(node)
+    if cfg.trainer.accelerator == "gpu":
+        assert cfg.trainer.strategy.find_unused_parameters if "strategy" in cfg.trainer else True
+    else:
+        assert isinstance(instantiate(cfg.trainer), pl.Trainer)
+
+
+BAD_VALUES = [
+    ("objective.sigma=0", "objective.sigma=0", "noise levels must be > 0"),
+    ("objective.sigma=-0.1", "objective.sigma=-0.1", "noise levels must be > 0"),
+    ("objective.sigma0=0", "objective.sigma0=0", "noise levels must be > 0"),
+    ("objective.n_unroll=-1", "objective.n_unroll=-1", "integer >= 0"),
+    ("objective.n_lower_steps=-2", "objective.n_lower_steps=-2", "integer >= 0"),
+    ("objective.sigma_begin=2.0", "objective.sigma_end=1.2", "must be > sigma_begin=2.0"),
+    ("objective.higher=foo", "objective.higher='foo'", "must be one of sm, ssm, dsm, mdsm"),
+    ("objective.lower=fisher", "objective.lower='fisher'", "continuous latents"),
+    ("posterior.temperature=0", "posterior.temperature=0", "must be > 0"),
+    ("posterior.log_prob=exact", "posterior.log_prob='exact'", "bernoulli, concrete"),
+    ("posterior.h_dim=3", "posterior.h_dim=3", "must equal model.h_dim=4"),
+    ("posterior=gaussian_mlp", "posterior='GaussianMLPPosterior'", "continuous latents but GRBM has binary"),
+    ("model.h_dim=0", "model.h_dim=0", "positive integer"),
+    ("optim.lr=0", "optim.lr=0", "must be > 0"),
+    ("optim.scheduler=linear", "optim.scheduler='linear'", "const, cosine, step"),
+    ("trainer.max_steps=0", "trainer.max_steps=0", "must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("override", "key_and_value", "allowed"), BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_bad_values_stop_before_training_with_key_value_and_rule(tmp_path, override, key_and_value, allowed):
+    cfg = compose_train_config(tmp_path, FAST_RUN + [override])
+    with pytest.raises(ConfigError) as error:
+        run(cfg)
+    message = str(error.value)
+    assert message.startswith(key_and_value) and allowed in message, message
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()
+
+
+def test_exact_score_needs_a_free_energy():
+    with pytest.raises(ConfigError, match=r"objective.estimator='exact'.*tractable free energy.*objective=bism"):
+        ScoreMatching(estimator="exact").check_model(GaussianLinear(2, 2), latent_type=None)
+
+
+def test_unknown_options_and_keys_are_refused(tmp_path):
+    with pytest.raises(MissingConfigException, match="objective/foo"):
+        compose_train_config(tmp_path, ["objective=foo"])
+    with pytest.raises(ConfigCompositionException, match="n_unrol"):
+        compose_train_config(tmp_path, ["objective.n_unrol=3"])
+
+
+def test_missing_data_file_names_the_path_and_the_fix(tmp_path):
+    cfg = compose_train_config(tmp_path, ["data=freyface"])
+    with pytest.raises(FileNotFoundError) as error:
+        run(cfg)
+    assert str(tmp_path / "frey_rawface.mat") in str(error.value)
+    assert "data.splits.path=" in str(error.value)
