@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from eblvm.errors import ConfigError, DivergenceError
-from eblvm.run import run
+from eblvm.run import format_summary, run
 
 log = logging.getLogger("eblvm")
 
@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> float | None:
     finally:
         if "wandb" in sys.modules:
             sys.modules["wandb"].finish()
-    log.info("test metrics: %s", {k: v for k, v in summary.items() if k.startswith("test/")})
+    print(format_summary(summary, cfg.paths.output_dir), flush=True)
     return summary.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
 
 

@@ -102,6 +102,30 @@ def _save_figures(module: BilevelModule, datamodule, cfg: DictConfig, out: Path)
     return figures
 
 
+def _log_z_method(model, evaluation: EvalConfig) -> str | None:
+    if not isinstance(model, GRBM):
+        return None
+    if model.h_dim <= evaluation.exact_max_h_dim:
+        return "exact"
+    return f"AIS ({evaluation.ais_temperatures} temperatures, {evaluation.ais_chains} chains)"
+
+
+def format_summary(summary: dict[str, Any], output_dir: str) -> str:
+    """The lines ``train.py`` prints at the end of a run."""
+    lines = [
+        f"trained {summary['steps']} steps in {summary['train_seconds']:.1f} s ({summary['ms_per_step']:.2f} ms/step)"
+    ]
+    if "test/log_likelihood" in summary:
+        lines.append(
+            f"  test log-likelihood  {summary['test/log_likelihood']:.4f} nats/point ({summary['log_z']} log Z)"
+        )
+    if "test/sm_objective" in summary:
+        lines.append(f"  test SM objective    {summary['test/sm_objective']:.4f}")
+    lines.append(f"  test objective       {summary['test/objective']:.4f}")
+    lines.append(f"  run directory        {output_dir}")
+    return "\n".join(lines)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate the configured model; returns the summary also written to ``summary.json``."""
     out = Path(cfg.paths.output_dir)
@@ -132,13 +156,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     figures = _save_figures(module, datamodule, cfg, out)
     for logger in loggers:
         if isinstance(logger, pl.loggers.WandbLogger):
-            logger.log_image("figures", [str(path) for path in figures.values()], caption=list(figures))
+            for name, path in figures.items():
+                logger.log_image(f"figures/{name}", [str(path)])
 
     summary = {
         "model": cfg.get("run_name"),
         "steps": trainer.global_step,
         "train_seconds": round(train_seconds, 2),
         "ms_per_step": round(1000 * train_seconds / max(trainer.global_step, 1), 3),
+        "log_z": _log_z_method(model, evaluation),
         "best_checkpoint": best,
         "last_checkpoint": str(out / "checkpoints" / "last.ckpt") if best else "",
         **{name: float(value) for name, value in test_metrics.items()},
