@@ -38,9 +38,14 @@ def plot_density(model: EnergyModel, log_z: float, data: torch.Tensor, path: Pat
 
 
 def plot_samples(
-    samples: torch.Tensor, data: torch.Tensor, path: Path, image_shape: tuple[int, int] | None = None
+    samples: torch.Tensor,
+    data: torch.Tensor,
+    path: Path,
+    image_shape: tuple[int, int] | None = None,
+    max_images: int = 100,
 ) -> Path:
-    """2-D: model samples over the data in one scatter. Otherwise an image grid (``image_shape`` per sample)."""
+    """2-D: model samples over the data in one scatter. Otherwise a grid of the first ``max_images`` samples,
+    each drawn as an ``image_shape`` picture."""
     samples = samples.detach().cpu()
     if samples.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(4, 4))
@@ -52,6 +57,7 @@ def plot_samples(
         return _save(fig, path)
     if image_shape is None:
         raise ValueError(f"cannot draw {samples.shape[1]}-dimensional samples without data.image_shape")
+    samples = samples[:max_images]
     n_cols = math.ceil(math.sqrt(len(samples)))
     n_rows = math.ceil(len(samples) / n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols, n_rows * image_shape[0] / image_shape[1]))
