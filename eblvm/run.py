@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from eblvm.bilevel.module import BilevelModule, EvalConfig
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.errors import ConfigError, require
-from eblvm.evaluation.likelihood import log_partition
 from eblvm.evaluation.plots import plot_density, plot_samples
 from eblvm.models.grbm import GRBM
 from eblvm.sampling.gibbs import gibbs_sample
@@ -90,7 +89,7 @@ def _save_figures(module: BilevelModule, datamodule, cfg: DictConfig, out: Path)
     train = datamodule.splits.train
     figures = {}
     if datamodule.dim == 2:
-        log_z = log_partition(model, **vars(module.evaluation), generator=generator)
+        log_z = module.evaluation.log_partition(model, generator)
         figures["density"] = plot_density(model, log_z.value, train, out / "density.png")
     # 2-D: draws of v show the density; images: E[v|h], the papers' sample figures.
     samples = gibbs_sample(
@@ -138,6 +137,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = build("model", cfg.model, v_dim=datamodule.dim)
     posterior = build("posterior", cfg.posterior, v_dim=datamodule.dim, model=model)
     check_pairing(model, posterior, objective)
+    objective.prepare(datamodule.train_data)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -149,6 +149,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, datamodule)
     train_seconds = time.perf_counter() - start
+    # the last validation's values of the metrics measured during training only (test replaces callback_metrics)
+    training_metrics = {
+        name: float(value)
+        for name, value in trainer.callback_metrics.items()
+        if name.startswith("val/gradient_bias") or name == "train/seconds_per_1000_steps"
+    }
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if best:
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
@@ -168,6 +174,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best,
         "last_checkpoint": str(out / "checkpoints" / "last.ckpt") if best else "",
         **{name: float(value) for name, value in test_metrics.items()},
+        **training_metrics,
         "figures": {name: str(path) for name, path in figures.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

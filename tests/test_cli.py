@@ -33,6 +33,10 @@ OBJECTIVES = [
     ["objective=ssm"],
     ["objective=mdsm"],
     ["objective=sm"],
+    ["objective=cd", "objective.k=2"],
+    ["objective=pcd"],
+    ["objective=nce"],
+    ["objective=vnce"],
 ]
 
 

@@ -38,7 +38,10 @@ def test_short_checkerboard_run_raises_test_log_likelihood(tmp_path):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 600
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["steps"] == 600 and saved["log_z"] == "exact"
+    assert 0 <= saved["test/posterior_gap"] < 1 and saved["val/gradient_bias_relative"] >= 0
+    assert saved["train/seconds_per_1000_steps"] > 0
 
 
 @pytest.mark.slow
@@ -86,3 +89,11 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_finite_checkpoint(tmp
     assert checkpoint["global_step"] <= error.value.step
     assert all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values())
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_pcd_chains_are_saved_in_the_lightning_checkpoint(tmp_path):
+    cfg = compose_train_config(tmp_path, FAST_RUN + ["objective=pcd"])
+    run(cfg)
+    chain = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["objective.chain"]
+    assert chain.shape == (cfg.data.batch_size, cfg.model.h_dim)
+    assert set(chain.unique().tolist()) <= {0.0, 1.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -10,21 +11,37 @@ from torch.func import functional_call
 
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.bilevel.unroll import unroll
-from eblvm.errors import DivergenceError
+from eblvm.errors import DivergenceError, require
 from eblvm.evaluation.likelihood import LogPartition, log_likelihood, log_partition
+from eblvm.evaluation.posterior import gradient_bias, posterior_gap
 from eblvm.models.base import EnergyModel
+from eblvm.models.grbm import GRBM
+from eblvm.objectives.base import Objective
 from eblvm.objectives.higher import score_matching
 from eblvm.objectives.score_matching import ScoreMatching
 from eblvm.posteriors.base import BoundPosterior, Posterior
+from eblvm.posteriors.bernoulli import BernoulliFamily
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """``evaluation.*``: how log Z is computed (exact up to ``exact_max_h_dim`` hidden units, else AIS)."""
+    """``evaluation.*``: how log Z is computed (exact up to ``exact_max_h_dim`` hidden units, else AIS), and the
+    gradient bias of BiSM (``gradient_bias_repeats`` noise and posterior draws on the first
+    ``gradient_bias_batch`` validation rows; 0 repeats turns it off)."""
 
     exact_max_h_dim: int = 20
     ais_temperatures: int = 1000
     ais_chains: int = 500
+    gradient_bias_repeats: int = 20
+    gradient_bias_batch: int = 100
+
+    def __post_init__(self):
+        for key in ("ais_temperatures", "ais_chains", "gradient_bias_batch"):
+            require(getattr(self, key) >= 2, key, getattr(self, key), "must be >= 2")
+        require(self.gradient_bias_repeats >= 0, "gradient_bias_repeats", self.gradient_bias_repeats, "must be >= 0")
+
+    def log_partition(self, model: GRBM, generator: torch.Generator) -> LogPartition:
+        return log_partition(model, self.exact_max_h_dim, self.ais_temperatures, self.ais_chains, generator)
 
 
 class BilevelModule(pl.LightningModule):
@@ -44,7 +61,7 @@ class BilevelModule(pl.LightningModule):
         self,
         model: EnergyModel,
         posterior: Posterior | None,
-        objective: ScoreMatching,
+        objective: Objective,
         optim: OptimConfig,
         evaluation: EvalConfig,
         seed: int = 0,
@@ -60,6 +77,8 @@ class BilevelModule(pl.LightningModule):
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
         self._log_z: LogPartition | None = None
+        self._clock: tuple[float, int] | None = None  # (time, global step) when training last resumed
+        self._seconds_per_1000_steps: float | None = None
 
     # randomness -----------------------------------------------------------------------------------------------
     @property
@@ -92,7 +111,9 @@ class BilevelModule(pl.LightningModule):
 
     def configure_optimizers(self):
         total_steps = max(int(self.trainer.max_steps), 1)
-        optimizers = [self.optim.optimizer(self.model.parameters(), self.optim.lr)]
+        # The objective's own parameters (NCE's log-normaliser) are learned with the energy.
+        energy_params = [*self.model.parameters(), *self.objective.parameters()]
+        optimizers = [self.optim.optimizer(energy_params, self.optim.lr)]
         if self.trains_posterior:
             optimizers.append(self.optim.optimizer(self.posterior.parameters(), self.optim.posterior_lr))
         return optimizers, [self.optim.scheduler_for(opt, total_steps) for opt in optimizers]
@@ -149,7 +170,7 @@ class BilevelModule(pl.LightningModule):
         loss = self.objective.higher_loss(self.model, q, v, self.generator)
         optimizers[0].zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        grad_norm = self._grad_norm(self.model.parameters())
+        grad_norm = self._grad_norm(optimizers[0].param_groups[0]["params"])
         self._check_finite("higher", loss.detach(), grad_norm)
         if self.optim.clip_grad_norm is not None:
             self.clip_gradients(optimizers[0], self.optim.clip_grad_norm, "norm")
@@ -162,34 +183,74 @@ class BilevelModule(pl.LightningModule):
 
     # evaluation -----------------------------------------------------------------------------------------------
     def _start_evaluation(self) -> None:
-        has_log_z = hasattr(self.model, "log_partition")
-        self._log_z = (
-            log_partition(self.model, **vars(self.evaluation), generator=self.generator) if has_log_z else None
+        is_grbm = isinstance(self.model, GRBM)
+        self._log_z = self.evaluation.log_partition(self.model, self.generator) if is_grbm else None
+
+    @property
+    def _measures_posterior(self) -> bool:
+        """GRBM with a Bernoulli posterior: its gap to the exact posterior and BiSM's gradient bias exist."""
+        return isinstance(self.model, GRBM) and isinstance(self.posterior, BernoulliFamily)
+
+    def _gradient_bias(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """BiSM's energy-gradient bias at the current (θ, φ) and q-optimizer state (METHODS §8)."""
+        optimizers = self._as_list(self.optimizers())
+        result = gradient_bias(
+            self.model,
+            self.posterior,
+            optimizers[1].optimizer if self.trains_posterior else None,
+            self.objective,
+            v[: self.evaluation.gradient_bias_batch],
+            repeats=self.evaluation.gradient_bias_repeats,
+            seed=self.seed + self.global_rank,
         )
+        return {
+            "gradient_bias": torch.tensor(result.bias),
+            "gradient_bias_relative": torch.tensor(result.relative_bias),
+            "gradient_bias_stderr": torch.tensor(result.stderr),
+        }
 
     def evaluate_batch(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-batch metrics: the objective itself, the SM objective, and the log-likelihood where log Z exists."""
         q = None if self.posterior is None else BoundPosterior.detached(self.posterior)
         with torch.enable_grad():
-            metrics = {"objective": self.objective.higher_loss(self.model, q, v, self.generator).detach()}
+            metrics = {"objective": self.objective.validation_loss(self.model, q, v, self.generator).detach()}
             if self.model.has_free_energy:
                 metrics["sm_objective"] = score_matching(self.model.score, v).detach()
         if self._log_z is not None:
             metrics["log_likelihood"] = log_likelihood(self.model, v, self._log_z)
+        if self._measures_posterior:
+            metrics["posterior_gap"] = posterior_gap(self.model, self.posterior, v)
         return metrics
 
     def _log_evaluation(self, stage: str, v: torch.Tensor) -> None:
         metrics = {f"{stage}/{name}": value for name, value in self.evaluate_batch(v).items()}
         self.log_dict(metrics, batch_size=v.shape[0], sync_dist=True, prog_bar=stage == "val")
 
+    def on_train_start(self) -> None:
+        self._clock = (time.perf_counter(), self.global_step)
+
     def on_validation_epoch_start(self) -> None:
         self._start_evaluation()
+        if self._clock is not None:  # validation inside fit: time the training since the last one
+            started, step = self._clock
+            if self.global_step > step:
+                self._seconds_per_1000_steps = 1000 * (time.perf_counter() - started) / (self.global_step - step)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._clock is not None and self._seconds_per_1000_steps is not None:
+            self.log("train/seconds_per_1000_steps", self._seconds_per_1000_steps, sync_dist=True)
+            self._clock = (time.perf_counter(), self.global_step)
 
     def on_test_epoch_start(self) -> None:
         self._start_evaluation()
 
     def validation_step(self, v: torch.Tensor, batch_idx: int) -> None:
         self._log_evaluation("val", v)
+        bism = isinstance(self.objective, ScoreMatching) and self.objective.needs_posterior
+        if batch_idx == 0 and bism and self._measures_posterior and self.evaluation.gradient_bias_repeats:
+            with torch.enable_grad():
+                bias = self._gradient_bias(v)
+            self.log_dict({f"val/{k}": value for k, value in bias.items()}, batch_size=1, sync_dist=True)
 
     def test_step(self, v: torch.Tensor, batch_idx: int) -> None:
         self._log_evaluation("test", v)

@@ -9,6 +9,7 @@ import torch
 from eblvm.errors import require, require_choice
 from eblvm.models.base import EnergyModel
 from eblvm.objectives import higher as losses
+from eblvm.objectives.base import Objective
 from eblvm.objectives.lower import importance_weighted_loss, posterior_fisher_loss
 from eblvm.objectives.scores import Energy, ScoreFn, bism_score, exact_score
 from eblvm.posteriors.base import BoundPosterior
@@ -20,7 +21,7 @@ NOISE_GRIDS = ("linear", "geometric")
 PROBES = ("rademacher", "gaussian")
 
 
-class ScoreMatching:
+class ScoreMatching(Objective):
     """A score-matching objective: which loss (``higher``) applied to which score (``estimator``).
 
     - ``estimator=exact``: the model's exact score ``−∇F``; the plain SM/SSM/DSM/MDSM baselines.
@@ -50,6 +51,7 @@ class ScoreMatching:
         n_unroll: int = 5,
         n_particles: int = 1,
     ):
+        super().__init__()
         require_choice("higher", higher, HIGHER_LOSSES)
         require_choice("estimator", estimator, ESTIMATORS)
         require_choice("lower", lower, LOWER_LOSSES)

@@ -1,0 +1,122 @@
+"""How far BiSM's variational posterior and its gradient are from the exact ones (GRBMs)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from eblvm.bilevel.unroll import unroll
+from eblvm.models.grbm import GRBM
+from eblvm.objectives.score_matching import ScoreMatching
+from eblvm.posteriors.base import BoundPosterior, Posterior
+
+
+def bernoulli_kl(q_logits: torch.Tensor, p_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(Bern(σ(l_q)) ‖ Bern(σ(l_p)))`` summed over the last axis:
+    ``Σ σ(l_q)(log σ(l_q) − log σ(l_p)) + σ(−l_q)(log σ(−l_q) − log σ(−l_p))``."""
+    q = torch.sigmoid(q_logits)
+    return (
+        q * (F.logsigmoid(q_logits) - F.logsigmoid(p_logits))
+        + (1 - q) * (F.logsigmoid(-q_logits) - F.logsigmoid(-p_logits))
+    ).sum(-1)
+
+
+@torch.no_grad()
+def posterior_gap(model: GRBM, posterior: Posterior, v: torch.Tensor) -> torch.Tensor:
+    """Mean ``KL(q(h|v) ‖ p(h|v))`` over ``v``; a relaxed-Bernoulli q is compared through its logits."""
+    return bernoulli_kl(posterior(v), model.hidden_logits(v)).mean()
+
+
+@dataclass(frozen=True)
+class GradientBias:
+    """``‖E[g_BiSM] − ∇J‖₂``, the same relative to ``‖∇J‖₂``, and the standard error of the first."""
+
+    bias: float
+    relative_bias: float
+    stderr: float
+    repeats: int
+
+
+def _energy_gradient(model: GRBM, loss: torch.Tensor) -> torch.Tensor:
+    """The energy's gradient as one vector; a parameter the loss does not reach has gradient zero."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads, strict=True)])
+
+
+def _adapted_posterior(objective, frozen_energy, model, posterior, optimizer, v, n_lower_steps, n_unroll, seed):
+    """q after ``n_lower_steps`` real steps and an ``n_unroll``-step unroll, from copies of q and its optimizer."""
+    if optimizer is None:  # a posterior without weights (the exact one) is used as it is
+        return BoundPosterior(posterior)
+    q_module = copy.deepcopy(posterior)
+    q_optimizer = type(optimizer)(q_module.parameters(), **optimizer.defaults)
+    # load_state_dict keeps the very tensors it is given: copy them, or these steps would move the real moments
+    q_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    generator = torch.Generator(device=v.device).manual_seed(seed)
+    for _ in range(n_lower_steps):
+        loss = objective.lower_loss(frozen_energy, BoundPosterior(q_module), v, generator)
+        q_optimizer.zero_grad()
+        loss.backward()
+        q_optimizer.step()
+    return unroll(q_module, q_optimizer, lambda q_: objective.lower_loss(model, q_, v, generator), n_unroll)
+
+
+def gradient_bias(
+    model: GRBM,
+    posterior: Posterior,
+    optimizer: torch.optim.Optimizer | None,
+    objective: ScoreMatching,
+    v: torch.Tensor,
+    repeats: int = 100,
+    n_lower_steps: int | None = None,
+    n_unroll: int | None = None,
+    seed: int = 0,
+) -> GradientBias:
+    """Bias of BiSM's energy gradient against the same score-matching objective with the exact score.
+
+    For each of ``repeats`` draws r, q restarts from its current weights and ``optimizer``'s current state,
+    takes ``n_lower_steps`` real steps and an ``n_unroll``-step unroll (the objective's own counts by default),
+    and ``g_r`` is the energy gradient of the BiSM higher loss; ``g*_r`` is the gradient of the exact-score loss
+    with the same noise ``ε`` (both higher losses draw from a generator seeded ``seed + r`` first). With
+    ``d_r = g_r − g*_r`` on minibatch ``v``, the bias is ``sqrt(max(0, ‖mean d‖² − tr Cov(d)/R))``: the squared
+    norm of a mean of R noisy vectors overestimates ``‖E d‖²`` by ``tr Cov(d)/R``, which this removes. The
+    standard error is that of ``‖mean d‖`` by the delta method. The real posterior and optimizer are not modified;
+    ``optimizer=None`` is for a posterior without weights (the exact one).
+    """
+    n_lower_steps = objective.n_lower_steps if n_lower_steps is None else n_lower_steps
+    n_unroll = objective.n_unroll if n_unroll is None else n_unroll
+    exact = copy.copy(objective)
+    exact.estimator = "exact"
+    frozen = {name: p.detach() for name, p in model.named_parameters()}
+
+    def frozen_energy(x, h):
+        return functional_call(model, frozen, (x, h))
+
+    differences, exact_gradients = [], []
+    for r in range(repeats):
+        q = _adapted_posterior(
+            objective, frozen_energy, model, posterior, optimizer, v, n_lower_steps, n_unroll, seed + repeats + r
+        )
+        bism = _energy_gradient(
+            model, objective.higher_loss(model, q, v, torch.Generator(device=v.device).manual_seed(seed + r))
+        )
+        reference = _energy_gradient(
+            model, exact.higher_loss(model, None, v, torch.Generator(device=v.device).manual_seed(seed + r))
+        )
+        differences.append(bism - reference)
+        exact_gradients.append(reference)
+    differences = torch.stack(differences)
+    mean_difference = differences.mean(0)
+    # ‖mean d‖² overestimates ‖E d‖² by tr(Cov d)/R: remove that so noise alone does not read as bias.
+    noise = differences.var(0).sum() / repeats if repeats > 1 else torch.zeros(())
+    bias = torch.sqrt((mean_difference.square().sum() - noise).clamp_min(0))
+    direction = mean_difference / mean_difference.norm().clamp_min(torch.finfo(bias.dtype).tiny)
+    # standard error of ‖mean d‖ (delta method: the spread of the d_r along the mean's direction)
+    stderr = (differences @ direction).std() / math.sqrt(repeats) if repeats > 1 else torch.tensor(float("nan"))
+    exact_norm = torch.stack(exact_gradients).mean(0).norm()
+    return GradientBias(float(bias), float(bias / exact_norm), float(stderr), repeats)
