@@ -21,19 +21,45 @@ def _bounds(data: torch.Tensor, margin: float = 0.1) -> list[tuple[float, float]
 
 
 @torch.no_grad()
+def _density_image(model: EnergyModel, log_z: float, bounds, resolution: int) -> torch.Tensor:
+    """``exp(−F(v) − log Z)`` on a ``resolution × resolution`` grid over ``bounds`` (rows: second coordinate)."""
+    (x0, x1), (y0, y1) = bounds
+    param = next(model.parameters())
+    xs = torch.linspace(x0, x1, resolution, dtype=param.dtype, device=param.device)
+    ys = torch.linspace(y0, y1, resolution, dtype=param.dtype, device=param.device)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
+    return torch.exp(-model.free_energy(grid) - log_z).reshape(resolution, resolution).cpu()
+
+
+def _draw_data(ax, data: torch.Tensor, bounds, resolution: int) -> None:
+    (x0, x1), (y0, y1) = bounds
+    ax.hist2d(data[:, 0].numpy(), data[:, 1].numpy(), bins=resolution // 2, range=[[x0, x1], [y0, y1]])
+    ax.set_title("data")
+
+
 def plot_density(model: EnergyModel, log_z: float, data: torch.Tensor, path: Path, resolution: int = 200) -> Path:
     """Two panels on the data's box: a histogram of ``data`` and the model density ``exp(−F(v) − log Z)``."""
-    (x0, x1), (y0, y1) = _bounds(data)
-    xs = torch.linspace(x0, x1, resolution, dtype=data.dtype)
-    ys = torch.linspace(y0, y1, resolution, dtype=data.dtype)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
-    param = next(model.parameters())
-    density = torch.exp(-model.free_energy(grid.to(param)) - log_z).reshape(resolution, resolution).cpu()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 4))
-    left.hist2d(data[:, 0].numpy(), data[:, 1].numpy(), bins=resolution // 2, range=[[x0, x1], [y0, y1]])
-    left.set_title("data")
-    right.imshow(density.numpy(), origin="lower", extent=(x0, x1, y0, y1), aspect="auto")
-    right.set_title("model density")
+    return plot_density_grid({"model density": (model, log_z)}, data, path, resolution)
+
+
+def plot_density_grid(
+    models: dict[str, tuple[EnergyModel, float]], data: torch.Tensor, path: Path, resolution: int = 200
+) -> Path:
+    """The data histogram, then each named model's density ``exp(−F(v) − log Z)``, on the data's box."""
+    bounds = _bounds(data)
+    n_panels = len(models) + 1
+    n_cols = min(n_panels, 4)
+    n_rows = math.ceil(n_panels / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 4 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    _draw_data(axes.flat[0], data, bounds, resolution)
+    axes.flat[0].axis("on")
+    (x0, x1), (y0, y1) = bounds
+    for ax, (name, (model, log_z)) in zip(axes.flat[1:], models.items(), strict=False):
+        ax.axis("on")
+        ax.imshow(_density_image(model, log_z, bounds, resolution).numpy(), origin="lower", extent=(x0, x1, y0, y1))
+        ax.set_title(name)
     return _save(fig, path)
 
 

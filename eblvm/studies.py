@@ -1,0 +1,104 @@
+"""Running a study (several methods, each a Hydra multirun over seeds) and collecting its runs' results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from eblvm.models.grbm import GRBM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of a study: a name and the ``train.py`` overrides that select it."""
+
+    name: str
+    overrides: tuple[str, ...]
+
+
+def launch(
+    methods: Sequence[Method], common: Sequence[str], seeds: Sequence[int], runs_dir: Path, jobs: int = 1
+) -> float:
+    """Run every method as ``train.py -m <overrides> <common> seed=<seeds>`` into ``runs_dir/<method>/seed_<s>``.
+
+    ``jobs`` methods run side by side. A failed method is reported with its log file and stops the study.
+    Returns the wall-clock seconds.
+    """
+    start = time.perf_counter()
+    # Small models gain nothing from several threads, and jobs side by side must not oversubscribe the cores.
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)), **os.environ}
+
+    def run_one(method: Method) -> None:
+        out = runs_dir / method.name
+        out.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, str(ROOT / "train.py"), "-m", *method.overrides, *common,
+            f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={out}", "hydra.sweep.subdir=seed_${seed}",
+        ]  # fmt: skip
+        log = out / "study.log"
+        with log.open("w") as handle:
+            result = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode}, see {log})"
+        print(f"  {method.name:<14} {status}", flush=True)
+        if result.returncode:
+            raise RuntimeError(f"{method.name} failed: see {log}")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(run_one, methods))
+    return time.perf_counter() - start
+
+
+def collect(method_dir: Path) -> list[dict]:
+    """The ``summary.json`` of every finished run under ``method_dir``, each with its ``seed`` and ``run_dir``."""
+    runs = []
+    for summary_file in sorted(method_dir.glob("*/summary.json")):
+        summary = json.loads(summary_file.read_text())
+        config = yaml.safe_load((summary_file.parent / "config.yaml").read_text())
+        runs.append({**summary, "seed": config["seed"], "run_dir": str(summary_file.parent), "config": config})
+    return runs
+
+
+def mean_std(values: Sequence[float], signed: bool = True) -> str:
+    """``mean ± sample standard deviation`` (just the value for one run); ``signed`` writes the mean's sign."""
+    sign = "+" if signed else ""
+    if len(values) == 1:
+        return f"{values[0]:{sign}.3f}"
+    return f"{statistics.fmean(values):{sign}.3f} ± {statistics.stdev(values):.3f}"
+
+
+def load_grbm(run_dir: str | Path, checkpoint: str = "best.ckpt") -> GRBM:
+    """The GRBM saved by a run (its config gives the sizes)."""
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    state = torch.load(run_dir / "checkpoints" / checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    weights = {name.removeprefix("model."): value for name, value in state.items() if name.startswith("model.")}
+    model = GRBM(weights["W"].shape[0], weights["W"].shape[1], learn_sigma=config["model"]["learn_sigma"])
+    model.load_state_dict(weights)
+    return model
+
+
+def provenance(command: str, seconds: float) -> str:
+    """A markdown paragraph: the command, the commit, the machine and the run time."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return (
+        f"- command: `{command}`\n- commit: `{commit.stdout.strip() or 'unknown'}`"
+        f"{' (with uncommitted changes)' if dirty.stdout else ''}\n- machine: {machine}{gpu}\n"
+        f"- wall-clock time: {seconds / 60:.1f} min\n"
+    )
