@@ -33,7 +33,8 @@ class Method:
 def launch(
     methods: Sequence[Method], common: Sequence[str], seeds: Sequence[int], runs_dir: Path, jobs: int = 1
 ) -> float:
-    """Run every method as ``train.py -m <overrides> <common> seed=<seeds>`` into ``runs_dir/<method>/seed_<s>``.
+    """Run every method as ``train.py -m <overrides> <common> seed=<seeds>`` into ``runs_dir/<method>/seed_<s>``
+    (or the ``hydra.sweep.subdir`` a method's overrides name).
 
     ``jobs`` methods run side by side. A failed method is reported with its log file and stops the study.
     Returns the wall-clock seconds.
@@ -47,8 +48,10 @@ def launch(
         out.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, str(ROOT / "train.py"), "-m", *method.overrides, *common,
-            f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={out}", "hydra.sweep.subdir=seed_${seed}",
+            f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={out}",
         ]  # fmt: skip
+        if not any(override.startswith("hydra.sweep.subdir=") for override in method.overrides):
+            command.append("hydra.sweep.subdir=seed_${seed}")
         log = out / "study.log"
         with log.open("w") as handle:
             result = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)

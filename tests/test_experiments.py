@@ -23,3 +23,15 @@ def test_checkerboard_study_quick_writes_table_and_figure(tmp_path):
     assert all(row.split("|")[2].strip() == "3" for row in rows), "every method over 3 seeds"
     assert (tmp_path / "density_grid_quick.png").stat().st_size > 10_000
     assert len(list((tmp_path / "runs" / "quick").glob("*/seed_*/summary.json"))) == 36
+
+
+def test_nk_study_quick_writes_table_and_gradient_bias_figure(tmp_path):
+    command = [sys.executable, "experiments/nk_study/study.py", "--setting", "quick", "--repeats", "3"]
+    result = subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = (tmp_path / "results_quick.md").read_text()
+    grid_rows = [line for line in table.splitlines() if re.match(r"\| (0|1|5|10) \|", line)]
+    assert len(grid_rows) == 8, "a 4x4 log-likelihood grid and a 4x4 gradient-bias grid"
+    assert all(len(row.strip("|").split("|")) == 5 and "|  |" not in row for row in grid_rows)
+    assert (tmp_path / "gradient_bias_quick.png").stat().st_size > 10_000
+    assert len(list((tmp_path / "runs" / "quick" / "grid").glob("K*_N*/summary.json"))) == 16

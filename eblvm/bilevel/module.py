@@ -210,7 +210,7 @@ class BilevelModule(pl.LightningModule):
         }
 
     def evaluate_batch(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-batch metrics: the objective itself, the SM objective, and the log-likelihood where log Z exists."""
+        """Per-batch metrics: the objective, the SM objective, the log-likelihood and posterior gap where they exist."""
         q = None if self.posterior is None else BoundPosterior.detached(self.posterior)
         with torch.enable_grad():
             metrics = {"objective": self.objective.validation_loss(self.model, q, v, self.generator).detach()}
