@@ -7,7 +7,7 @@ STAMP := $(VENV)/.eblvm-$(shell cat pyproject.toml | sha1sum | cut -c1-10)-$(she
 TORCH := torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install train test test-fast lint format bench clean
+.PHONY: install train test test-fast lint format bench checkerboard nk-study clean
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ format: install
 
 bench: install  ## speed and memory of a training iteration on this machine
 	$(PYTHON) benchmarks/bench_iteration.py
+
+checkerboard: install  ## the BiSM checkerboard study; SETTING=quick|default|paper
+	$(PYTHON) experiments/checkerboard/study.py --setting $(or $(SETTING),default)
+
+nk-study: install  ## BiDSM over n_lower_steps x n_unroll and its gradient bias; SETTING=quick|default
+	$(PYTHON) experiments/nk_study/study.py --setting $(or $(SETTING),default)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
