@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eblvm.bilevel.module import BilevelModule, EvalConfig
 from eblvm.bilevel.optim import OptimConfig
-from eblvm.errors import ConfigError, require
+from eblvm.errors import ConfigError, require, require_choice
 from eblvm.evaluation.plots import plot_density, plot_samples
 from eblvm.models.grbm import GRBM
 from eblvm.sampling.gibbs import gibbs_sample
@@ -129,6 +129,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate the configured model; returns the summary also written to ``summary.json``."""
     out = Path(cfg.paths.output_dir)
     require(int(cfg.trainer.max_steps) >= 1, "trainer.max_steps", cfg.trainer.max_steps, "must be >= 1")
+    require_choice("test_checkpoint", cfg.test_checkpoint, ("best", "last"))
     objective = build("objective", cfg.objective)
     optim = build_dataclass("optim", OptimConfig, cfg.optim)
     evaluation = build_dataclass("evaluation", EvalConfig, cfg.evaluation)
@@ -156,7 +157,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if name.startswith("val/gradient_bias") or name == "train/seconds_per_1000_steps"
     }
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best:
+    if best and cfg.test_checkpoint == "best":  # "last": the module already holds the final weights
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     (test_metrics,) = trainer.test(module, datamodule, verbose=False)
     figures = _save_figures(module, datamodule, cfg, out)
@@ -171,6 +172,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 2),
         "ms_per_step": round(1000 * train_seconds / max(trainer.global_step, 1), 3),
         "log_z": _log_z_method(model, evaluation),
+        "tested": "best checkpoint" if best and cfg.test_checkpoint == "best" else "final weights",
         "best_checkpoint": best,
         "last_checkpoint": str(out / "checkpoints" / "last.ckpt") if best else "",
         **{name: float(value) for name, value in test_metrics.items()},

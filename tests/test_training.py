@@ -97,3 +97,15 @@ def test_pcd_chains_are_saved_in_the_lightning_checkpoint(tmp_path):
     chain = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["objective.chain"]
     assert chain.shape == (cfg.data.batch_size, cfg.model.h_dim)
     assert set(chain.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_last_checkpoint_is_the_final_state_even_when_the_best_is_earlier(tmp_path):
+    """Selecting by the lowest log-likelihood makes the best checkpoint an early one."""
+    cfg = compose_train_config(
+        tmp_path, FAST_RUN + ["trainer.val_check_interval=10", "callbacks.checkpoint.mode=min", "test_checkpoint=last"]
+    )
+    summary = run(cfg)
+    steps = {name: torch.load(tmp_path / "checkpoints" / f"{name}.ckpt", weights_only=False)["global_step"]
+             for name in ("best", "last")}  # fmt: skip
+    assert steps["best"] < steps["last"] == cfg.trainer.max_steps
+    assert summary["tested"] == "final weights"

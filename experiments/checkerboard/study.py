@@ -61,7 +61,8 @@ SETTINGS = {
     "default": {"seeds": (1, 2, 3), "common": ("trainer.max_steps=20000", "trainer.val_check_interval=1000")},
     "paper": {"seeds": (1, 2, 3), "common": ("trainer.max_steps=100000", "trainer.val_check_interval=5000")},
 }
-ALWAYS = ("logger=csv", "callbacks.progress.refresh_rate=0")
+# The paper reports the model at the end of training, so the study tests the final weights, not the best ones.
+ALWAYS = ("logger=csv", "callbacks.progress.refresh_rate=0", "test_checkpoint=last")
 
 
 def directory_name(method: Method) -> str:
@@ -71,9 +72,11 @@ def directory_name(method: Method) -> str:
 def aggregate(setting: str, out: Path, command: str, seconds: float | None) -> Path:
     """Write the results table and the density grid from the finished runs under ``out/runs/<setting>``."""
     runs_dir = out / "runs" / setting
-    rows, densities, total_seconds, data = [], {}, 0.0, None
+    rows, densities, total_seconds, data, excluded = [], {}, 0.0, None, []
     for method in METHODS:
         runs = collect(runs_dir / directory_name(method))
+        excluded += [run["run_dir"] for run in runs if not _tested_final_weights(run)]
+        runs = [run for run in runs if _tested_final_weights(run)]
         if not runs:
             continue
         total_seconds += sum(run["train_seconds"] for run in runs)
@@ -105,9 +108,18 @@ def aggregate(setting: str, out: Path, command: str, seconds: float | None) -> P
         + "\n\n"
         + provenance(command, seconds if seconds is not None else total_seconds)
         + ("" if seconds is not None else "- (wall-clock time: the training time summed over runs)\n")
+        + "".join(f"- excluded (tested an earlier best checkpoint, not the final weights): `{r}`\n" for r in excluded)
         + (f"\n![learned densities]({figure.name})\n" if figure else "")
     )
     return results
+
+
+def _tested_final_weights(run: dict) -> bool:
+    """Whether a run's test metrics are those of its final weights (the paper's protocol)."""
+    if run.get("tested") == "final weights":
+        return True
+    best = torch.load(Path(run["run_dir"]) / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    return best["global_step"] == run["steps"]
 
 
 def _training_data(config: dict) -> torch.Tensor:
