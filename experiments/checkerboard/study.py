@@ -75,7 +75,7 @@ def aggregate(setting: str, out: Path, command: str, seconds: float | None) -> P
     rows, densities, total_seconds, data, excluded = [], {}, 0.0, None, []
     for method in METHODS:
         runs = collect(runs_dir / directory_name(method))
-        excluded += [run["run_dir"] for run in runs if not _tested_final_weights(run)]
+        excluded += [Path(run["run_dir"]).relative_to(out) for run in runs if not _tested_final_weights(run)]
         runs = [run for run in runs if _tested_final_weights(run)]
         if not runs:
             continue
@@ -89,7 +89,7 @@ def aggregate(setting: str, out: Path, command: str, seconds: float | None) -> P
             f"{'' if reference is None else f'{reference:+.2f}'} |"
         )
         first = min(runs, key=lambda run: run["seed"])
-        model = load_grbm(first["run_dir"])
+        model = load_grbm(first["run_dir"], _final_checkpoint(first))
         densities[f"{method.name} (seed {first['seed']})"] = (model, model.log_partition().item())
         if data is None:
             data = _training_data(first["config"])
@@ -120,6 +120,12 @@ def _tested_final_weights(run: dict) -> bool:
         return True
     best = torch.load(Path(run["run_dir"]) / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     return best["global_step"] == run["steps"]
+
+
+def _final_checkpoint(run: dict) -> str:
+    """The file holding a run's final weights: last.ckpt, or best.ckpt where it was written at the last step
+    (runs from before last.ckpt was kept up to date)."""
+    return "last.ckpt" if run.get("tested") == "final weights" else "best.ckpt"
 
 
 def _training_data(config: dict) -> torch.Tensor:
