@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
-from torch.func import functional_call
 
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.bilevel.unroll import unroll
@@ -19,6 +18,7 @@ from eblvm.models.grbm import GRBM
 from eblvm.objectives.base import Objective
 from eblvm.objectives.higher import score_matching
 from eblvm.objectives.score_matching import ScoreMatching
+from eblvm.objectives.scores import frozen_energy
 from eblvm.posteriors.base import BoundPosterior, Posterior
 from eblvm.posteriors.bernoulli import BernoulliFamily
 
@@ -122,16 +122,9 @@ class BilevelModule(pl.LightningModule):
         return list(things) if isinstance(things, list | tuple) else [things]
 
     # training -------------------------------------------------------------------------------------------------
-    def _frozen_model(self):
-        """The energy with its parameters detached: the lower level holds θ fixed."""
-        detached = {name: p.detach() for name, p in self.model.named_parameters()}
-        return lambda v, h: functional_call(self.model, detached, (v, h))
-
     def _grad_norm(self, params) -> torch.Tensor:
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.device)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
     def _check_finite(self, quantity: str, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Stop on a non-finite loss or gradient norm (gradients are all-reduced, so every rank agrees)."""
@@ -140,7 +133,7 @@ class BilevelModule(pl.LightningModule):
                 raise DivergenceError(self.global_step, name, float(value))
 
     def _lower_level(self, v: torch.Tensor, optimizer, scheduler) -> dict[str, torch.Tensor]:
-        frozen, q = self._frozen_model(), BoundPosterior(self.posterior)
+        frozen, q = frozen_energy(self.model), BoundPosterior(self.posterior)
         logs = {}
         for _ in range(self.objective.n_lower_steps):
             loss = self.objective.lower_loss(frozen, q, v, self.generator)

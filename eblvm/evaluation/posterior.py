@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from eblvm.bilevel.unroll import unroll
 from eblvm.models.grbm import GRBM
 from eblvm.objectives.score_matching import ScoreMatching
+from eblvm.objectives.scores import frozen_energy
 from eblvm.posteriors.base import BoundPosterior, Posterior
 
 
@@ -49,7 +49,7 @@ def _energy_gradient(model: GRBM, loss: torch.Tensor) -> torch.Tensor:
     return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads, strict=True)])
 
 
-def _adapted_posterior(objective, frozen_energy, model, posterior, optimizer, v, n_lower_steps, n_unroll, seed):
+def _adapted_posterior(objective, model, posterior, optimizer, v, n_lower_steps, n_unroll, seed):
     """q after ``n_lower_steps`` real steps and an ``n_unroll``-step unroll, from copies of q and its optimizer."""
     if optimizer is None:  # a posterior without weights (the exact one) is used as it is
         return BoundPosterior(posterior)
@@ -57,9 +57,9 @@ def _adapted_posterior(objective, frozen_energy, model, posterior, optimizer, v,
     q_optimizer = type(optimizer)(q_module.parameters(), **optimizer.defaults)
     # load_state_dict keeps the very tensors it is given: copy them, or these steps would move the real moments
     q_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    generator = torch.Generator(device=v.device).manual_seed(seed)
+    generator, frozen = torch.Generator(device=v.device).manual_seed(seed), frozen_energy(model)
     for _ in range(n_lower_steps):
-        loss = objective.lower_loss(frozen_energy, BoundPosterior(q_module), v, generator)
+        loss = objective.lower_loss(frozen, BoundPosterior(q_module), v, generator)
         q_optimizer.zero_grad()
         loss.backward()
         q_optimizer.step()
@@ -92,16 +92,9 @@ def gradient_bias(
     n_unroll = objective.n_unroll if n_unroll is None else n_unroll
     exact = copy.copy(objective)
     exact.estimator = "exact"
-    frozen = {name: p.detach() for name, p in model.named_parameters()}
-
-    def frozen_energy(x, h):
-        return functional_call(model, frozen, (x, h))
-
     differences, exact_gradients = [], []
     for r in range(repeats):
-        q = _adapted_posterior(
-            objective, frozen_energy, model, posterior, optimizer, v, n_lower_steps, n_unroll, seed + repeats + r
-        )
+        q = _adapted_posterior(objective, model, posterior, optimizer, v, n_lower_steps, n_unroll, seed + repeats + r)
         bism = _energy_gradient(
             model, objective.higher_loss(model, q, v, torch.Generator(device=v.device).manual_seed(seed + r))
         )

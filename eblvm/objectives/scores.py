@@ -10,12 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.func import functional_call
 
 from eblvm.models.base import EnergyModel
 from eblvm.posteriors.base import BoundPosterior
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 Energy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def frozen_energy(model: EnergyModel) -> Energy:
+    """``E(v, h)`` with the model's parameters detached: what the lower level sees while θ is held fixed."""
+    detached = {name: p.detach() for name, p in model.named_parameters()}
+    return lambda v, h: functional_call(model, detached, (v, h))
 
 
 def exact_score(model: EnergyModel) -> ScoreFn:
