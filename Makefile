@@ -41,7 +41,7 @@ checkerboard: install  ## the BiSM checkerboard study; SETTING=quick|default|pap
 	$(PYTHON) experiments/checkerboard/study.py --setting $(or $(SETTING),default)
 
 nk-study: install  ## BiDSM over n_lower_steps x n_unroll and its gradient bias; SETTING=quick|default
-	$(PYTHON) experiments/nk_study/study.py --setting $(or $(SETTING),default)
+	$(PYTHON) experiments/nk_study/study.py --setting $(or $(SETTING),default) --jobs $(or $(JOBS),2)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -34,4 +34,4 @@ def test_nk_study_quick_writes_table_and_gradient_bias_figure(tmp_path):
     assert len(grid_rows) == 8, "a 4x4 log-likelihood grid and a 4x4 gradient-bias grid"
     assert all(len(row.strip("|").split("|")) == 5 and "|  |" not in row for row in grid_rows)
     assert (tmp_path / "gradient_bias_quick.png").stat().st_size > 10_000
-    assert len(list((tmp_path / "runs" / "quick" / "grid").glob("K*_N*/summary.json"))) == 16
+    assert len(list((tmp_path / "runs" / "quick").glob("grid*/K*_N*/summary.json"))) == 16

@@ -47,13 +47,21 @@ def data_overrides() -> tuple[str, ...]:
     return ("data=digits", "model.h_dim=64", "objective.sigma=0.3", "optim.lr=2e-4")
 
 
-def grid_method() -> Method:
+def grid_methods(jobs: int) -> list[Method]:
+    """The (K, N) grid as ``jobs`` multiruns of about equal cost: K values are dealt out largest first."""
+    queues: list[list[int]] = [[] for _ in range(jobs)]
+    for k in sorted(COUNTS, reverse=True):
+        min(queues, key=lambda queue: sum(1 + n for n in queue)).append(k)
     counts = ",".join(map(str, COUNTS))
-    return Method(
-        "grid",
-        ("objective=bism", *data_overrides(), f"objective.n_lower_steps={counts}", f"objective.n_unroll={counts}",
-         "hydra.sweep.subdir=K${objective.n_lower_steps}_N${objective.n_unroll}"),
-    )  # fmt: skip
+    return [
+        Method(
+            f"grid_K{'_'.join(map(str, sorted(queue)))}",
+            ("objective=bism", *data_overrides(), f"objective.n_lower_steps={','.join(map(str, sorted(queue)))}",
+             f"objective.n_unroll={counts}", "hydra.sweep.subdir=K${objective.n_lower_steps}_N${objective.n_unroll}"),
+        )  # fmt: skip
+        for queue in queues
+        if queue
+    ]
 
 
 def bias_grid(run_dir: Path, repeats: int) -> dict[tuple[int, int], object]:
@@ -102,15 +110,16 @@ def main() -> None:
     parser.add_argument("--setting", choices=SETTINGS, default="default")
     parser.add_argument("--repeats", type=int, default=100, help="noise and posterior draws per (K, N)")
     parser.add_argument("--out", type=Path, default=HERE, help="folder for runs/ and the results (default: here)")
+    parser.add_argument("--jobs", type=int, default=1, help="multiruns side by side (each gets cores / jobs threads)")
     parser.add_argument("--aggregate-only", action="store_true")
     args = parser.parse_args()
     runs_dir = args.out / "runs" / args.setting
     seconds = None
     if not args.aggregate_only:
         common = (*SETTINGS[args.setting], "logger=csv", "callbacks.progress.refresh_rate=0")
-        seconds = launch([grid_method()], common, seeds=(1,), runs_dir=runs_dir, jobs=1)
+        seconds = launch(grid_methods(args.jobs), common, seeds=(1,), runs_dir=runs_dir, jobs=args.jobs)
     runs = {(r["config"]["objective"]["n_lower_steps"], r["config"]["objective"]["n_unroll"]): r
-            for r in collect(runs_dir / "grid")}  # fmt: skip
+            for method_dir in sorted(runs_dir.glob("grid*")) for r in collect(method_dir)}  # fmt: skip
     biases = bias_grid(Path(runs[REFERENCE]["run_dir"]), args.repeats)
     suffix = "" if args.setting == "default" else f"_{args.setting}"
     figure = plot_bias(biases, args.out / f"gradient_bias{suffix}.png")
