@@ -1,1 +1,1 @@
-"""Metrics and figures: likelihoods, score-matching objectives, plots."""
+"""Metrics and figures: likelihoods, posterior diagnostics, image metrics (FID, KID, linear probe), plots."""

@@ -1,4 +1,4 @@
-"""Figures: learned density beside the data (2-D), and model samples (2-D scatter or image grid)."""
+"""Figures: learned density beside the data (2-D), and model samples (2-D scatter or image grid, PNG grid)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
 
 from eblvm.models.base import EnergyModel  # noqa: E402
 
@@ -67,11 +68,11 @@ def plot_samples(
     samples: torch.Tensor,
     data: torch.Tensor,
     path: Path,
-    image_shape: tuple[int, int] | None = None,
+    image_shape: tuple[int, ...] | None = None,
     max_images: int = 100,
 ) -> Path:
     """2-D: model samples over the data in one scatter. Otherwise a grid of the first ``max_images`` samples,
-    each drawn as an ``image_shape`` picture."""
+    each drawn as an ``image_shape`` picture: ``(H, W)`` or ``(C, H, W)`` with C = 1 (grayscale) or 3 (RGB)."""
     samples = samples.detach().cpu()
     if samples.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(4, 4))
@@ -83,15 +84,32 @@ def plot_samples(
         return _save(fig, path)
     if image_shape is None:
         raise ValueError(f"cannot draw {samples.shape[1]}-dimensional samples without data.image_shape")
+    image_shape = tuple(image_shape)
+    if len(image_shape) == 2:
+        image_shape = (1, *image_shape)
+    if len(image_shape) != 3 or image_shape[0] not in (1, 3):
+        raise ValueError(f"image_shape must be (H, W) or (C, H, W) with C in (1, 3), got {image_shape}")
     samples = samples[:max_images]
     n_cols = math.ceil(math.sqrt(len(samples)))
     n_rows = math.ceil(len(samples) / n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols, n_rows * image_shape[0] / image_shape[1]))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols, n_rows * image_shape[1] / image_shape[2]), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, sample in zip(axes.flat, samples, strict=False):
-        ax.imshow(sample.reshape(image_shape).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        picture = sample.reshape(image_shape).clamp(0, 1).permute(1, 2, 0).squeeze(-1)  # (H, W) or (H, W, 3)
+        ax.imshow(picture.numpy(), cmap="gray", vmin=0, vmax=1)
     return _save(fig, path)
+
+
+def save_image_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
+    """A PNG grid of images ``(N, C, H, W)`` in ``[0, 1]`` (clamped), ``nrow`` per row (``⌈√N⌉`` by default),
+    with torchvision's 2-pixel padding: the sample grids of deep models."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = images.detach().cpu()
+    nrow = math.ceil(math.sqrt(len(images))) if nrow is None else nrow
+    save_image(images.clamp(0, 1), path, nrow=nrow)
+    return path
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
