@@ -1,6 +1,7 @@
 """Energy models ``E(v, h)``."""
 
 from eblvm.models.base import EnergyModel
+from eblvm.models.deep import EBM, LatentEBM
 from eblvm.models.grbm import GRBM
 
-__all__ = ["GRBM", "EnergyModel"]
+__all__ = ["EBM", "GRBM", "EnergyModel", "LatentEBM"]
