@@ -13,6 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from sklearn.datasets import load_digits
 
 from eblvm.data import (
     EBLVMDataModule,
@@ -90,6 +91,8 @@ def test_digits():
     assert data.min() >= 0 and data.max() <= 1 and data.max() == 1
     assert len(splits.val) == len(splits.test) == round(0.15 * 1797)
     assert not torch.equal(splits.train, digits(seed=1).train)
+    labels = torch.cat([splits.train_labels, splits.val_labels, splits.test_labels])
+    assert torch.equal(torch.bincount(labels), torch.as_tensor(np.bincount(load_digits().target)))
 
 
 def test_split_by_fractions_keeps_every_row_once():
@@ -294,9 +297,9 @@ def test_datamodule_settings():
         EBLVMDataModule(make_splits(50), batch_size=0)
     with pytest.raises(ConfigError, match=r"^eval_batch_size=-1"):
         EBLVMDataModule(make_splits(50), eval_batch_size=-1)
-    with pytest.raises(ConfigError, match=r"^image_shape=\[2, 2\]: must be \(height, width\)"):
+    with pytest.raises(ConfigError, match=r"^image_shape=\[2, 2\]: must be \(height, width\) or \(channels, height"):
         EBLVMDataModule(make_splits(50), image_shape=[2, 2])
-    assert EBLVMDataModule(make_splits(50, d=6), image_shape=[2, 3]).image_shape == (2, 3)
+    assert EBLVMDataModule(make_splits(50, d=6), image_shape=[2, 3]).image_shape == (1, 2, 3)
 
 
 @pytest.mark.parametrize("name", [make.__name__ for make in TOYS] + ["digits"])

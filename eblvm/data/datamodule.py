@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,12 +21,34 @@ def _stack_rows(rows: list[tuple[torch.Tensor]]) -> torch.Tensor:
     return torch.stack([row for (row,) in rows])
 
 
+def _channels_height_width(image_shape: Sequence[int], dim: int) -> tuple[int, int, int]:
+    """``image_shape`` given as (height, width) or (channels, height, width), as (channels, height, width)."""
+    shape = tuple(image_shape)
+    require(
+        len(shape) in (2, 3) and all(isinstance(size, int) and size >= 1 for size in shape) and math.prod(shape) == dim,
+        "image_shape",
+        list(shape),
+        f"must be (height, width) or (channels, height, width) with a product equal to the data dimension {dim}",
+    )
+    return (1, *shape) if len(shape) == 2 else shape
+
+
+def flip_horizontally(batch: torch.Tensor, image_shape: tuple[int, int, int], flip: torch.Tensor) -> torch.Tensor:
+    """The rows of ``batch`` (images flattened in C, H, W order) mirrored along their width where ``flip`` is True."""
+    images = batch.reshape(len(batch), *image_shape)
+    flipped = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    return flipped.reshape(batch.shape)
+
+
 class EBLVMDataModule(pl.LightningDataModule):
     """Data loaders over fixed ``Splits``.
 
     Training batches are shuffled and, when the training set has at least ``batch_size`` rows, all full.
     ``train_on_val`` trains on train and val together (the BiSM toy protocol); validation still uses val.
-    ``image_shape`` (height, width) marks image data, for drawing samples.
+    ``image_shape`` marks image data, given as (height, width) for one channel or (channels, height, width), and
+    is kept as ``self.image_shape = (C, H, W)``. ``random_flip`` mirrors a random half of every training batch
+    along the image width (validation and test batches are never flipped); each process draws its flips from its
+    own generator, seeded from the Lightning seed (``PL_GLOBAL_SEED``, else torch's initial seed) and its rank.
     """
 
     def __init__(
@@ -34,32 +59,44 @@ class EBLVMDataModule(pl.LightningDataModule):
         train_on_val: bool = False,
         num_workers: int = 0,
         image_shape: Sequence[int] | None = None,
+        random_flip: bool = False,
     ):
         super().__init__()
         require(isinstance(splits, Splits), "splits", type(splits).__name__, "must be an eblvm.data.Splits")
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             require(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
         require(isinstance(num_workers, int) and num_workers >= 0, "num_workers", num_workers, "must be >= 0")
-        if image_shape is not None:
-            image_shape = tuple(image_shape)
-            require(
-                len(image_shape) == 2 and math.prod(image_shape) == splits.dim,
-                "image_shape",
-                list(image_shape),
-                f"must be (height, width) with height * width = the data dimension {splits.dim}",
-            )
+        require(
+            not random_flip or image_shape is not None,
+            "random_flip",
+            random_flip,
+            "flips images, so it needs data.image_shape=[channels, height, width]",
+        )
         self.splits = splits
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.train_on_val = train_on_val
         self.num_workers = num_workers
-        self.image_shape = image_shape
+        self.image_shape = None if image_shape is None else _channels_height_width(image_shape, splits.dim)
+        self.random_flip = random_flip
         self.train_data = torch.cat([splits.train, splits.val]) if train_on_val else splits.train
+        self._flip_generator: torch.Generator | None = None
 
     @property
     def dim(self) -> int:
         """The data dimension ``d``."""
         return self.splits.dim
+
+    def labels(self, split: str) -> torch.Tensor | None:
+        """The class labels of the rows a loader of ``split`` (train, val or test) iterates over, None if unlabelled.
+
+        ``labels("train")`` matches ``train_data``: with ``train_on_val`` it is the train labels followed by the
+        val labels.
+        """
+        labels = self.splits.labels(split)
+        if split == "train" and self.train_on_val and labels is not None:
+            return torch.cat([labels, self.splits.val_labels])
+        return labels
 
     def _loader(self, data: torch.Tensor, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
         return DataLoader(
@@ -81,3 +118,20 @@ class EBLVMDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.splits.test, self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``random_flip``, mirror each image of a training batch with probability 1/2."""
+        if self.random_flip and self.trainer is not None and self.trainer.training:
+            flip = torch.rand(len(batch), generator=self._generator()) < 0.5
+            batch = flip_horizontally(batch, self.image_shape, flip.to(batch.device))
+        return batch
+
+    def _generator(self) -> torch.Generator:
+        """This process's flip generator, created on first use from the Lightning seed and the global rank."""
+        if self._flip_generator is None:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            # Hashing (seed, rank) keeps this stream apart from generators seeded with seed + rank directly.
+            state = np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0]
+            self._flip_generator = torch.Generator().manual_seed(int(state))
+        return self._flip_generator

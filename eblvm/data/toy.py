@@ -90,6 +90,8 @@ def eight_gaussians(n_train: int = 50000, n_val: int = 10000, n_test: int = 1000
 
 
 def digits(val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> Splits:
-    """scikit-learn's 1797 handwritten 8x8 digits (shipped with it), pixels / 16 in [0, 1]: d = 64."""
-    pixels = torch.as_tensor(load_digits().data / 16, dtype=torch.float32)
-    return split_by_fractions(pixels, val_fraction, test_fraction, seed)
+    """scikit-learn's 1797 handwritten 8x8 digits (shipped with it), pixels / 16 in [0, 1]: d = 64, labels 0-9."""
+    digits_set = load_digits()
+    pixels = torch.as_tensor(digits_set.data / 16, dtype=torch.float32)
+    labels = torch.as_tensor(digits_set.target, dtype=torch.int64)
+    return split_by_fractions(pixels, val_fraction, test_fraction, seed, labels=labels)
