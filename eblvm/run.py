@@ -15,13 +15,15 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EMAWeightAveraging
 
 from eblvm.bilevel.module import BilevelModule, EvalConfig
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.errors import ConfigError, require, require_choice
+from eblvm.evaluation.images import linear_probe
 from eblvm.evaluation.plots import plot_density, plot_samples
 from eblvm.models.grbm import GRBM
-from eblvm.sampling.gibbs import gibbs_sample
+from eblvm.sampling.draw import SamplingConfig, draw_samples
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,15 @@ def build(group: str, node: DictConfig, **runtime: Any) -> Any:
 
 
 def build_dataclass(group: str, cls: type, node: DictConfig) -> Any:
+    """``cls(**node)`` (or ``cls.from_dict(node)`` for nested ones) with errors named under ``group``."""
     values = OmegaConf.to_container(node, resolve=True)
+    return build_check(group, getattr(cls, "from_dict", None) or (lambda fields: cls(**fields)), values)
+
+
+def build_check(group: str, check, *args: Any) -> Any:
+    """``check(*args)`` with a ``ConfigError`` re-raised under the config group's prefix."""
     try:
-        return cls(**values)
+        return check(*args)
     except ConfigError as error:
         raise error.with_prefix(group) from None
 
@@ -80,25 +88,39 @@ def check_pairing(model, posterior, objective) -> None:
     objective.check_model(model, posterior.latent_type if posterior is not None else None)
 
 
-def _save_figures(module: BilevelModule, datamodule, cfg: DictConfig, out: Path) -> dict[str, Path]:
-    """Density (2-D data) and Gibbs-samples figures for GRBMs; nothing for models without a Gibbs sampler."""
+def _save_figures(module: BilevelModule, datamodule, sampling: SamplingConfig, seed: int, out: Path) -> dict:
+    """GRBMs: the density (2-D data) and Gibbs samples. Deep energies: the sample grid the test drew."""
     model = module.model
+    if module.image_shape is not None:
+        grid = out / "samples" / f"test_step{module.global_step:07d}.png"
+        return {"samples": grid} if grid.is_file() else {}
     if not isinstance(model, GRBM):
         return {}
-    generator = torch.Generator(device=model.W.device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=model.W.device).manual_seed(seed)
     train = datamodule.splits.train
     figures = {}
     if datamodule.dim == 2:
         log_z = module.evaluation.log_partition(model, generator)
         figures["density"] = plot_density(model, log_z.value, train, out / "density.png")
     # 2-D: draws of v show the density; images: E[v|h], the papers' sample figures.
-    samples = gibbs_sample(
-        model, cfg.plots.n_samples, cfg.plots.gibbs_sweeps, generator, return_mean=datamodule.dim != 2
-    )
-    image_shape = getattr(datamodule, "image_shape", None)
-    if datamodule.dim == 2 or image_shape is not None:
-        figures["samples"] = plot_samples(samples, train, out / "samples.png", image_shape)
+    samples = draw_samples(model, None, sampling, sampling.n_samples, generator, mean=datamodule.dim != 2)
+    if datamodule.dim == 2 or datamodule.image_shape is not None:
+        figures["samples"] = plot_samples(samples, train, out / "samples.png", datamodule.image_shape)
     return figures
+
+
+@torch.no_grad()
+def _linear_probe_accuracy(module: BilevelModule, datamodule) -> float | None:
+    """Test accuracy of a logistic regression on q's means (METHODS §8); None without labels or a posterior."""
+    posterior = module.posterior
+    train_labels, test_labels = datamodule.labels("train"), datamodule.labels("test")
+    if posterior is None or train_labels is None:
+        return None
+
+    def means(rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([posterior.mean(posterior(chunk.to(module.device))).cpu() for chunk in rows.split(1000)])
+
+    return linear_probe(means(datamodule.train_data), train_labels, means(datamodule.splits.test), test_labels)
 
 
 def _log_z_method(model, evaluation: EvalConfig) -> str | None:
@@ -121,6 +143,13 @@ def format_summary(summary: dict[str, Any], output_dir: str) -> str:
     if "test/sm_objective" in summary:
         lines.append(f"  test SM objective    {summary['test/sm_objective']:.4f}")
     lines.append(f"  test objective       {summary['test/objective']:.4f}")
+    if "test/fid" in summary:
+        lines.append(
+            f"  test FID / KID       {summary['test/fid']:.2f} / {summary['test/kid_mean']:.4f} "
+            f"({summary['sampling_mode']} samples, {summary['evaluated_weights']} weights)"
+        )
+    if "test/linear_probe_accuracy" in summary:
+        lines.append(f"  linear probe on q   {summary['test/linear_probe_accuracy']:.4f} test accuracy")
     lines.append(f"  run directory        {output_dir}")
     return "\n".join(lines)
 
@@ -133,18 +162,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     objective = build("objective", cfg.objective)
     optim = build_dataclass("optim", OptimConfig, cfg.optim)
     evaluation = build_dataclass("evaluation", EvalConfig, cfg.evaluation)
+    sampling = build_dataclass("sampling", SamplingConfig, cfg.sampling)
+    ema_decay = cfg.get("ema_decay")
+    require(ema_decay is None or 0 < ema_decay < 1, "ema_decay", ema_decay, "must be null or in (0, 1), e.g. 0.999")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build("data", cfg.data)
-    model = build("model", cfg.model, v_dim=datamodule.dim)
-    posterior = build("posterior", cfg.posterior, v_dim=datamodule.dim, model=model)
+    shapes = {"v_dim": datamodule.dim, "image_shape": datamodule.image_shape}
+    model = build("model", cfg.model, **shapes)
+    posterior = build("posterior", cfg.posterior, **shapes, model=model) if objective.needs_posterior else None
     check_pairing(model, posterior, objective)
+    monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor")
+    require(
+        monitor != "val/log_likelihood" or isinstance(model, GRBM),
+        "callbacks.checkpoint.monitor",
+        monitor,
+        f"{type(model).__name__} has no log-likelihood: select checkpoints by the validation loss with "
+        "callbacks.checkpoint.monitor=val/objective callbacks.checkpoint.mode=min",
+    )
+    is_grbm = isinstance(model, GRBM)
+    sampling_mode = None if is_grbm else build_check("sampling", sampling.resolve_mode, model, posterior)
     objective.prepare(datamodule.train_data)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    module = BilevelModule(model, posterior, objective, optim, evaluation, seed=cfg.seed)
+    module = BilevelModule(
+        model, posterior, objective, optim, evaluation, cfg.seed, sampling, image_shape=datamodule.image_shape
+    )
     loggers = [instantiate(node) for node in (cfg.logger or {}).values()]
-    callbacks = [instantiate(node) for node in cfg.callbacks.values()]
+    callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
+    if ema_decay is not None:  # validation, checkpoints' state_dict and the final test use the averaged weights
+        callbacks.append(EMAWeightAveraging(decay=ema_decay))
+    weights = "raw" if ema_decay is None else f"EMA (decay {ema_decay})"
+    for logger in loggers:
+        logger.log_hyperparams({"evaluated_weights": weights, "sampling_mode": sampling_mode or "gibbs"})
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
     start = time.perf_counter()
@@ -160,7 +210,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if best and cfg.test_checkpoint == "best":  # "last": the module already holds the final weights
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     (test_metrics,) = trainer.test(module, datamodule, verbose=False)
-    figures = _save_figures(module, datamodule, cfg, out)
+    figures = _save_figures(module, datamodule, sampling, cfg.seed, out)
+    probe_accuracy = _linear_probe_accuracy(module, datamodule)
+    if probe_accuracy is not None:
+        test_metrics["test/linear_probe_accuracy"] = probe_accuracy
+        for logger in loggers:
+            logger.log_metrics({"test/linear_probe_accuracy": probe_accuracy}, step=trainer.global_step)
     for logger in loggers:
         if isinstance(logger, pl.loggers.WandbLogger):
             for name, path in figures.items():
@@ -173,6 +228,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "ms_per_step": round(1000 * train_seconds / max(trainer.global_step, 1), 3),
         "log_z": _log_z_method(model, evaluation),
         "tested": "best checkpoint" if best and cfg.test_checkpoint == "best" else "final weights",
+        "evaluated_weights": weights,
+        "sampling_mode": sampling_mode or "gibbs",
         "best_checkpoint": best,
         "last_checkpoint": str(out / "checkpoints" / "last.ckpt") if best else "",
         **{name: float(value) for name, value in test_metrics.items()},

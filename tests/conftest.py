@@ -15,6 +15,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(autouse=True)
+def _forget_hydra_config():
+    """Tests that compose a run set Hydra's global config; clear it so later tests resolve paths from their cwd."""
+    yield
+    HydraConfig.instance().cfg = None
+
+
 @pytest.fixture
 def float64():
     """Run a test in double precision (finite differences and exact identities)."""
@@ -35,8 +42,8 @@ FAST_RUN = [
     "data.splits.n_train=2000",
     "data.splits.n_val=500",
     "data.splits.n_test=500",
-    "plots.n_samples=200",
-    "plots.gibbs_sweeps=20",
+    "sampling.n_samples=200",
+    "sampling.gibbs_sweeps=20",
     "logger=csv",
 ]
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from scipy.io import savemat
 
 from eblvm.bilevel.optim import OptimConfig
@@ -18,26 +21,55 @@ from tests.models import GaussianLinear
 
 GROUPS = ["data", "model", "posterior", "objective", "optim", "trainer", "logger", "callbacks", "experiment"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((ROOT / "conf" / group).glob("*.yaml"))]
+# Read from local files in real formats: tests/test_image_data.py writes tiny ones and builds these configs.
+IMAGE_FILE_DATA = {"mnist", "fashion_mnist", "cifar10", "svhn", "celeba", "image_folder"}
+# Deep networks need image data and their partners: the latent EBM a Gaussian q fitted by the Fisher loss, the
+# latent-free EBM an exact-score objective.
+DEEP_PARTNERS = {
+    ("model", "latent_ebm"): ["posterior=gaussian_conv", "objective.lower=fisher"],
+    ("posterior", "gaussian_conv"): ["model=latent_ebm", "objective.lower=fisher"],
+    ("model", "ebm"): ["objective=mdsm"],
+}
 
 
-@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_instantiates(tmp_path, group, option):
-    rng = np.random.default_rng(0)
-    savemat(tmp_path / "frey_rawface.mat", {"ff": rng.integers(0, 256, (560, 40), dtype=np.uint8)})
-    np.save(tmp_path / "points.npy", rng.random((50, 3)).astype(np.float32))
+def overrides_for(group: str, option: str, tmp_path: Path) -> list[str]:
+    """``group=option`` plus what it needs to build here: small file sizes, and image data for deep networks."""
     overrides = [f"{group}={option}"]
     if (group, option) == ("data", "freyface"):
         overrides += ["data.splits.n_train=20", "data.splits.n_val=10"]
     if (group, option) == ("data", "tensor_file"):
         overrides += [f"data.splits.path={tmp_path / 'points.npy'}"]
-    cfg = compose_train_config(tmp_path, overrides)
+    if (group, option) in DEEP_PARTNERS:
+        overrides += ["data=digits", "callbacks.checkpoint.monitor=val/objective", *DEEP_PARTNERS[group, option]]
+    if group == "experiment":
+        text = (ROOT / "conf" / "experiment" / f"{option}.yaml").read_text()
+        if any(f"override /data: {name}\n" in text for name in IMAGE_FILE_DATA):
+            overrides += ["data=digits"]  # the paper's image data are local files; digits takes the same code path
+    return overrides
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_instantiates(tmp_path, group, option):
+    cfg = compose_train_config(tmp_path, overrides_for(group, option, tmp_path))
+    if group == "data" and option in IMAGE_FILE_DATA:
+        assert cfg.data.splits._target_ == f"eblvm.data.{option}"
+        if option == "image_folder":
+            assert OmegaConf.is_missing(cfg.data.splits, "path"), "the folder is the user's to name"
+        else:
+            assert cfg.data.splits.root.startswith(str(tmp_path)), "datasets are looked for under paths.data_dir"
+        return
+    rng = np.random.default_rng(0)
+    savemat(tmp_path / "frey_rawface.mat", {"ff": rng.integers(0, 256, (560, 40), dtype=np.uint8)})
+    np.save(tmp_path / "points.npy", rng.random((50, 3)).astype(np.float32))
 
     objective = build("objective", cfg.objective)
     build_dataclass("optim", OptimConfig, cfg.optim)
     datamodule = build("data", cfg.data)
-    model = build("model", cfg.model, v_dim=datamodule.dim)
-    posterior = build("posterior", cfg.posterior, v_dim=datamodule.dim, model=model)
-    assert posterior.h_dim == model.h_dim
+    shapes = {"v_dim": datamodule.dim, "image_shape": datamodule.image_shape}
+    model = build("model", cfg.model, **shapes)
+    posterior = build("posterior", cfg.posterior, **shapes, model=model) if objective.needs_posterior else None
+    if posterior is not None:
+        assert posterior.h_dim == model.h_dim
     if not (group == "posterior" and option == "gaussian_mlp"):  # continuous q cannot pair with a GRBM
         check_pairing(model, posterior, objective)
     for node in list((cfg.logger or {}).values()) + list(cfg.callbacks.values()):

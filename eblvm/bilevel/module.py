@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -11,7 +12,9 @@ import torch
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.bilevel.unroll import unroll
 from eblvm.errors import DivergenceError, require
+from eblvm.evaluation.images import image_quality
 from eblvm.evaluation.likelihood import LogPartition, log_likelihood, log_partition
+from eblvm.evaluation.plots import save_image_grid
 from eblvm.evaluation.posterior import gradient_bias, posterior_gap
 from eblvm.models.base import EnergyModel
 from eblvm.models.grbm import GRBM
@@ -21,24 +24,39 @@ from eblvm.objectives.score_matching import ScoreMatching
 from eblvm.objectives.scores import frozen_energy
 from eblvm.posteriors.base import BoundPosterior, Posterior
 from eblvm.posteriors.bernoulli import BernoulliFamily
+from eblvm.sampling.draw import SamplingConfig, draw_samples
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """``evaluation.*``: how log Z is computed (exact up to ``exact_max_h_dim`` hidden units, else AIS), and the
     gradient bias of BiSM (``gradient_bias_repeats`` noise and posterior draws on the first
-    ``gradient_bias_batch`` validation rows; 0 repeats turns it off)."""
+    ``gradient_bias_batch`` validation rows; 0 repeats turns it off). For images: FID and KID of
+    ``fid_samples`` samples against as many training images (0 turns them off) with the Inception weights file
+    ``inception_weights``, and KID subsets of ``kid_subset_size``."""
 
     exact_max_h_dim: int = 20
     ais_temperatures: int = 1000
     ais_chains: int = 500
     gradient_bias_repeats: int = 20
     gradient_bias_batch: int = 100
+    fid_samples: int = 0
+    inception_weights: str | None = None
+    kid_subset_size: int = 1000
 
     def __post_init__(self):
-        for key in ("ais_temperatures", "ais_chains", "gradient_bias_batch"):
+        for key in ("ais_temperatures", "ais_chains", "gradient_bias_batch", "kid_subset_size"):
             require(getattr(self, key) >= 2, key, getattr(self, key), "must be >= 2")
-        require(self.gradient_bias_repeats >= 0, "gradient_bias_repeats", self.gradient_bias_repeats, "must be >= 0")
+        for key in ("gradient_bias_repeats", "fid_samples"):
+            require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        if self.fid_samples:
+            require(
+                self.inception_weights is not None and Path(self.inception_weights).is_file(),
+                "inception_weights",
+                self.inception_weights,
+                "FID needs the Inception weights file weights-inception-2015-12-05-6726825d.pth (see the README, "
+                "'Image metrics'), or evaluation.fid_samples=0",
+            )
 
     def log_partition(self, model: GRBM, generator: torch.Generator) -> LogPartition:
         return log_partition(model, self.exact_max_h_dim, self.ais_temperatures, self.ais_chains, generator)
@@ -65,6 +83,8 @@ class BilevelModule(pl.LightningModule):
         optim: OptimConfig,
         evaluation: EvalConfig,
         seed: int = 0,
+        sampling: SamplingConfig | None = None,
+        image_shape: tuple[int, int, int] | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -74,6 +94,9 @@ class BilevelModule(pl.LightningModule):
         self.optim = optim
         self.evaluation = evaluation
         self.seed = seed
+        self.sampling = sampling or SamplingConfig()
+        # deep energies on images: sample grids (and FID) at every validation; GRBMs draw figures at the end only
+        self.image_shape = image_shape if not isinstance(model, GRBM) else None
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
         self._log_z: LogPartition | None = None
@@ -207,7 +230,7 @@ class BilevelModule(pl.LightningModule):
         q = None if self.posterior is None else BoundPosterior.detached(self.posterior)
         with torch.enable_grad():
             metrics = {"objective": self.objective.validation_loss(self.model, q, v, self.generator).detach()}
-            if self.model.has_free_energy:
+            if isinstance(self.model, GRBM):  # one backward pass per dimension: for GRBMs (METHODS §8)
                 metrics["sm_objective"] = score_matching(self.model.score, v).detach()
         if self._log_z is not None:
             metrics["log_likelihood"] = log_likelihood(self.model, v, self._log_z)
@@ -245,5 +268,42 @@ class BilevelModule(pl.LightningModule):
                 bias = self._gradient_bias(v)
             self.log_dict({f"val/{k}": value for k, value in bias.items()}, batch_size=1, sync_dist=True)
 
+        if batch_idx == 0 and self.image_shape is not None:
+            self._image_evaluation("val")
+
     def test_step(self, v: torch.Tensor, batch_idx: int) -> None:
         self._log_evaluation("test", v)
+        if batch_idx == 0 and self.image_shape is not None:
+            self._image_evaluation("test")
+
+    def _image_evaluation(self, stage: str) -> None:
+        """A grid of ``sampling.n_images`` samples saved as ``<run>/samples/<stage>_step<N>.png`` (and logged to
+        W&B), and FID/KID when ``evaluation.fid_samples > 0``. Which mode and weights produced them is recorded
+        in the run's hyperparameters and summary."""
+        train = self.trainer.datamodule.train_data
+        n_images, n_fid = self.sampling.n_images, self.evaluation.fid_samples
+        rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))[: max(n_images, n_fid)]
+        reference = train[rows].to(self.device)
+
+        def sample(reference_rows: torch.Tensor) -> torch.Tensor:
+            images = draw_samples(
+                self.model, self.posterior, self.sampling, len(reference_rows), self.generator, reference_rows
+            )
+            return images.reshape(-1, *self.image_shape)
+
+        grid = sample(reference[:n_images])
+        if self.global_rank == 0:
+            path = Path(self.trainer.default_root_dir) / "samples" / f"{stage}_step{self.global_step:07d}.png"
+            save_image_grid(grid.cpu(), path)
+            for logger in self.loggers:
+                if isinstance(logger, pl.loggers.WandbLogger):
+                    logger.log_image(f"{stage}/samples", [str(path)], step=self.global_step)
+        if n_fid:
+            fakes = torch.cat([sample(chunk) for chunk in reference[:n_fid].split(n_images)])
+            quality = image_quality(
+                reference[:n_fid].reshape(-1, *self.image_shape).cpu(),
+                fakes.cpu(),
+                inception_weights=self.evaluation.inception_weights,
+                kid_subset_size=self.evaluation.kid_subset_size,
+            )
+            self.log_dict({f"{stage}/{k}": float(value) for k, value in quality.items()}, batch_size=1, sync_dist=True)

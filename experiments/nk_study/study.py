@@ -35,8 +35,8 @@ REFERENCE = (5, 5)
 FREY = ROOT / "data" / "frey_rawface.mat"
 SETTINGS = {
     "quick": ("trainer.max_steps=10", "trainer.val_check_interval=5", "evaluation.ais_temperatures=50",
-              "evaluation.ais_chains=20", "evaluation.gradient_bias_repeats=2", "plots.gibbs_sweeps=5",
-              "plots.n_samples=16"),
+              "evaluation.ais_chains=20", "evaluation.gradient_bias_repeats=2", "sampling.gibbs_sweeps=5",
+              "sampling.n_samples=16"),
     "default": ("trainer.max_steps=20000", "trainer.val_check_interval=2000"),
 }  # fmt: skip
 
@@ -56,8 +56,13 @@ def grid_methods(jobs: int) -> list[Method]:
     return [
         Method(
             f"grid_K{'_'.join(map(str, sorted(queue)))}",
-            ("objective=bism", *data_overrides(), f"objective.n_lower_steps={','.join(map(str, sorted(queue)))}",
-             f"objective.n_unroll={counts}", "hydra.sweep.subdir=K${objective.n_lower_steps}_N${objective.n_unroll}"),
+            (
+                "objective=bism",
+                *data_overrides(),
+                f"objective.n_lower_steps={','.join(map(str, sorted(queue)))}",
+                f"objective.n_unroll={counts}",
+                "hydra.sweep.subdir=K${objective.n_lower_steps}_N${objective.n_unroll}",
+            ),
         )  # fmt: skip
         for queue in queues
         if queue

@@ -1,0 +1,96 @@
+"""Drawing samples from a trained model the way its figures and metrics need them: Gibbs for GRBMs, annealed
+Langevin (in one of three modes) for deep energies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from eblvm.errors import ConfigError, require, require_choice
+from eblvm.models.base import EnergyModel
+from eblvm.models.grbm import GRBM
+from eblvm.posteriors.base import Posterior
+from eblvm.sampling.gibbs import gibbs_sample
+from eblvm.sampling.langevin import SAMPLING_MODES, LangevinSchedule, langevin_sample
+
+MODES = ("auto", *SAMPLING_MODES)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """``sampling.*``: GRBMs are sampled by ``gibbs_sweeps`` Gibbs sweeps (``n_samples`` for the figures); deep
+    energies by annealed Langevin (``langevin.*``, METHODS §3), ``n_images`` per grid, in ``mode``:
+
+    - ``marginal``: v alone under a latent-free energy ``F(v)``;
+    - ``joint``: v and h together under ``E(v, h)``;
+    - ``via_q``: h fixed to q's mean for real training images, v from ``E(v, h)`` (the papers' figures and FIDs);
+    - ``auto``: ``marginal`` for latent-free models, ``via_q`` when a posterior is trained, else ``joint``.
+    """
+
+    n_samples: int = 1000
+    gibbs_sweeps: int = 1000
+    mode: str = "auto"
+    n_images: int = 64
+    langevin: LangevinSchedule = field(default_factory=LangevinSchedule)
+
+    def __post_init__(self):
+        require_choice("mode", self.mode, MODES)
+        for key in ("n_samples", "gibbs_sweeps", "n_images"):
+            require(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SamplingConfig:
+        values = dict(values)
+        try:
+            schedule = LangevinSchedule(**values.pop("langevin", {}))
+        except ConfigError as error:
+            raise error.with_prefix("langevin") from None
+        return cls(langevin=schedule, **values)
+
+    def resolve_mode(self, model: EnergyModel, posterior: Posterior | None) -> str:
+        """The Langevin mode for this model, checked: ``auto`` resolved, impossible choices refused."""
+        latent_free = model.h_dim == 0
+        if self.mode == "auto":
+            return "marginal" if latent_free else ("via_q" if posterior is not None else "joint")
+        if self.mode == "marginal":
+            require(
+                model.has_free_energy, "mode", self.mode, f"needs a latent-free energy, {type(model).__name__} has h"
+            )
+        else:
+            require(not latent_free, "mode", self.mode, f"{type(model).__name__} has no latent: use mode=marginal")
+            require(
+                self.mode != "via_q" or posterior is not None,
+                "mode",
+                self.mode,
+                "needs a trained posterior (an objective with estimator=bism): use mode=joint",
+            )
+        return self.mode
+
+
+def draw_samples(
+    model: EnergyModel,
+    posterior: Posterior | None,
+    config: SamplingConfig,
+    n_samples: int,
+    generator: torch.Generator,
+    reference: torch.Tensor | None = None,
+    mean: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``n_samples`` rows ``(n, d)``: Gibbs for a GRBM (``E[v|h]`` of the last sweep when ``mean``), annealed
+    Langevin otherwise (``reference`` holds the training rows whose posterior means ``via_q`` fixes)."""
+    if isinstance(model, GRBM):
+        return gibbs_sample(model, n_samples, config.gibbs_sweeps, generator, return_mean=mean)
+    mode = config.resolve_mode(model, posterior)
+    return langevin_sample(
+        model,
+        mode,
+        n_samples,
+        config.langevin,
+        generator,
+        posterior=posterior,
+        reference=reference,
+        progress=progress,
+    )
