@@ -1,0 +1,76 @@
+"""Rebuilding a finished run's data, model and posterior from its directory and one of its checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from eblvm.models.base import EnergyModel
+from eblvm.posteriors.base import Posterior
+
+WEIGHTS = ("saved", "raw")
+
+
+@dataclass
+class TrainedRun:
+    """What a run directory holds: its resolved config, data, model, posterior (None if it trained none) and the
+    loaded checkpoint dictionary."""
+
+    config: DictConfig
+    datamodule: Any
+    model: EnergyModel
+    posterior: Posterior | None
+    checkpoint: dict[str, Any]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (then its ``checkpoints/last.ckpt``); a clear error if absent."""
+    path = Path(path)
+    file = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {file}: pass a run directory (holding checkpoints/last.ckpt) or a .ckpt file"
+        )
+    return file
+
+
+def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)}
+
+
+def load_run(checkpoint: str | Path, weights: str = "saved", with_data: bool = True) -> TrainedRun:
+    """Rebuild the run that wrote ``checkpoint`` (its ``config.yaml`` sits two levels up).
+
+    ``weights="saved"`` loads the checkpoint's ``state_dict`` (the EMA weights when the run averaged them);
+    ``"raw"`` the raw weights of an EMA run (``current_model_state``). ``with_data`` builds the datamodule (needed
+    for image shapes and for sampling via q); without it only vector models can be rebuilt.
+    """
+    from eblvm.run import build  # late: run.py imports the training stack
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: must be one of {', '.join(WEIGHTS)}")
+    file = resolve_checkpoint(checkpoint)
+    config_file = file.parent.parent / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: {file} must sit in <run>/checkpoints/ of an eblvm run")
+    config = OmegaConf.load(config_file)
+    saved = torch.load(file, map_location="cpu", weights_only=False)
+    state = saved["state_dict"]
+    if weights == "raw":
+        if "current_model_state" not in saved:
+            raise ValueError(f"{file} holds no separate raw weights (the run used no EMA): use weights=saved")
+        state = saved["current_model_state"]
+    datamodule = build("data", config.data) if with_data else None
+    shapes = {"v_dim": datamodule.dim, "image_shape": datamodule.image_shape} if with_data else {}
+    model = build("model", config.model, **shapes)
+    model.load_state_dict(_submodule_state(state, "model."))
+    posterior_state = _submodule_state(state, "posterior.")
+    posterior = None
+    if posterior_state or config.objective.get("estimator") == "bism":
+        posterior = build("posterior", config.posterior, **shapes, model=model)
+        posterior.load_state_dict(posterior_state)
+    return TrainedRun(config, datamodule, model, posterior, saved)
