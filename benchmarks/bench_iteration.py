@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SETTINGS = {
     "toy": {"v_dim": 2, "h_dim": 4, "sigma": 0.05},
@@ -31,26 +31,12 @@ def measure(setting: str, estimator: str, n_unroll: int, steps: int, warmup: int
     import pytorch_lightning as pl
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.timing import BatchTimer, max_rss_mb, peak_memory_mb, quiet_trainer
     from eblvm.bilevel.module import BilevelModule, EvalConfig
     from eblvm.bilevel.optim import OptimConfig
     from eblvm.models import GRBM
     from eblvm.objectives import ScoreMatching
     from eblvm.posteriors import RelaxedBernoulliPosterior
-
-    class Timer(pl.Callback):
-        def __init__(self):
-            self.durations: list[float] = []
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            self.durations.append(time.perf_counter() - self.start)
 
     pl.seed_everything(0, verbose=False)
     spec = SETTINGS[setting]
@@ -62,25 +48,11 @@ def measure(setting: str, estimator: str, n_unroll: int, steps: int, warmup: int
     module = BilevelModule(model, posterior, objective, OptimConfig(), EvalConfig(), seed=0)
     data = torch.rand(100 * (steps + warmup), spec["v_dim"])
     loader = torch.utils.data.DataLoader(data, batch_size=100, shuffle=True, drop_last=True)
-    timer = Timer()
-    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after imports, model and data
-    trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        max_steps=steps + warmup,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
-    trainer.fit(module, loader)
+    timer = BatchTimer(device)
+    baseline_mb = max_rss_mb()  # after imports, model and data
+    quiet_trainer(device, steps + warmup, [timer], devices=1).fit(module, loader)
     timed = timer.durations[warmup:]
-    if device == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline_mb
+    peak_mb = peak_memory_mb(device, baseline_mb)
     return {
         "setting": setting,
         "estimator": estimator,
