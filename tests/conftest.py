@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -20,6 +21,26 @@ def _forget_hydra_config():
     """Tests that compose a run set Hydra's global config; clear it so later tests resolve paths from their cwd."""
     yield
     HydraConfig.instance().cfg = None
+
+
+@pytest.fixture
+def random_inception_weights(tmp_path) -> Path:
+    """A weights file for torch-fidelity's FID Inception-v3 with random He-initialised weights (features stay of
+    order one through the depth), standing in for the real file, which is not downloaded in tests."""
+    from torch import nn
+    from torch_fidelity import feature_extractor_inceptionv3
+
+    extractor = feature_extractor_inceptionv3.FeatureExtractorInceptionV3
+    with mock.patch("torch.load"), mock.patch.object(extractor, "load_state_dict"):
+        net = extractor("inception-v3-compat", ["2048"], "unused")
+    generator = torch.Generator().manual_seed(0)
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            fan_in = module.weight[0].numel()
+            module.weight.data = torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5
+    path = tmp_path / "inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
 
 
 @pytest.fixture
@@ -44,6 +65,26 @@ FAST_RUN = [
     "data.splits.n_test=500",
     "sampling.n_samples=200",
     "sampling.gibbs_sweeps=20",
+    "logger=csv",
+]
+
+
+# A few seconds of BiMDSM on digits with a tiny network and a short Langevin schedule.
+FAST_DEEP = [
+    "experiment=digits_bimdsm",
+    "model.channels=4",
+    "model.h_dim=3",
+    "posterior.channels=[4,4,4]",
+    "objective.n_lower_steps=2",
+    "data.batch_size=20",
+    "trainer.max_steps=1",
+    "trainer.val_check_interval=1",
+    "trainer.limit_val_batches=1",
+    "callbacks.progress.refresh_rate=0",
+    "sampling.n_images=4",
+    "sampling.langevin.hot_steps=2",
+    "sampling.langevin.anneal_steps=2",
+    "sampling.langevin.cool_steps=2",
     "logger=csv",
 ]
 

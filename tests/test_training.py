@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from eblvm.errors import DivergenceError
 from eblvm.evaluation.likelihood import log_likelihood, log_partition
 from eblvm.run import build, run
-from tests.conftest import FAST_RUN, compose_train_config
+from tests.conftest import FAST_DEEP, FAST_RUN, compose_train_config
 
 
 def test_default_config_is_the_documented_bidsm_run(tmp_path):
@@ -45,11 +46,12 @@ def test_short_checkerboard_run_raises_test_log_likelihood(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("overrides", [FAST_RUN, FAST_DEEP + ["trainer.max_steps=4"]], ids=["grbm", "deep"])
+def test_ddp_on_two_cpu_processes(tmp_path, overrides):
     probe = tmp_path / "probe"
     cfg = compose_train_config(
         tmp_path,
-        FAST_RUN
+        overrides
         + [
             "trainer=ddp_cpu",
             "+callbacks.probe._target_=tests.ddp_probe.RankProbe",
@@ -66,6 +68,9 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert len(checkpoint["optimizer_states"]) == 2
     assert all(state["state"] for state in checkpoint["optimizer_states"]), "both optimizers have stepped"
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        header = next(csv.reader(file))
+    assert {"val/objective", "test/objective"} <= set(header), "fit and test metrics share one metrics.csv"
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_finite_checkpoint(tmp_path):
