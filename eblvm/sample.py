@@ -92,17 +92,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.n_samples < 1:
         parser.error(f"--n-samples={args.n_samples}: must be >= 1")
-    out = sample(
-        args.checkpoint,
-        args.n_samples,
-        args.mode,
-        args.weights,
-        _schedule_overrides(args.schedule),
-        args.out,
-        args.seed,
-        args.png,
-        args.device,
-    )
+    try:
+        out = sample(
+            args.checkpoint,
+            args.n_samples,
+            args.mode,
+            args.weights,
+            _schedule_overrides(args.schedule),
+            args.out,
+            args.seed,
+            args.png,
+            args.device,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
     print(f"wrote {args.n_samples} samples to {out}")
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,30 +15,11 @@ from eblvm.objectives import ScoreMatching
 from eblvm.objectives.scores import bism_score, frozen_energy
 from eblvm.posteriors import BoundPosterior, GaussianConvPosterior, GaussianPosterior
 from eblvm.run import run
-from tests.conftest import compose_train_config
+from tests.conftest import FAST_DEEP, ROOT, compose_train_config
 from tests.models import GaussianLinear
 
 IMAGE = (1, 8, 8)
 D = math.prod(IMAGE)
-
-# A few seconds of BiMDSM on digits with a tiny network and a short Langevin schedule.
-FAST_DEEP = [
-    "experiment=digits_bimdsm",
-    "model.channels=4",
-    "model.h_dim=3",
-    "posterior.channels=[4,4,4]",
-    "objective.n_lower_steps=2",
-    "data.batch_size=20",
-    "trainer.max_steps=1",
-    "trainer.val_check_interval=1",
-    "trainer.limit_val_batches=1",
-    "callbacks.progress.refresh_rate=0",
-    "sampling.n_images=4",
-    "sampling.langevin.hot_steps=2",
-    "sampling.langevin.anneal_steps=2",
-    "sampling.langevin.cool_steps=2",
-    "logger=csv",
-]
 
 
 def tiny_latent_ebm(h_dim: int = 3) -> LatentEBM:
@@ -191,3 +175,32 @@ def test_digits_bimdsm_runs_and_writes_samples(tmp_path, overrides):
     grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
     assert grids == ["test_step0000004.png", "val_step0000002.png", "val_step0000004.png"]
     assert summary["figures"]["samples"].endswith("test_step0000004.png")
+
+
+def test_fid_kid_and_linear_probe_through_a_training_run(tmp_path, random_inception_weights):
+    """FID/KID of via-q samples at validation and test (a random-weight Inception stands in for the real file), and
+    the linear probe on q's means: 10 digit classes, 270 test rows, so chance is 0.1 ± 0.018."""
+    fid = ["evaluation.fid_samples=8", f"evaluation.inception_weights={random_inception_weights}"]
+    summary = run(compose_train_config(tmp_path, FAST_DEEP + fid))
+    assert summary["test/fid"] > 0 and math.isfinite(summary["test/kid_mean"]) and summary["test/kid_std"] >= 0
+    assert "val/fid" in (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert summary["test/linear_probe_accuracy"] > 0.1 + 5 * 0.018
+
+
+def test_sample_command_writes_a_grid_an_npz_and_pngs(tmp_path):
+    run(compose_train_config(tmp_path, FAST_DEEP))
+    command = [sys.executable, "-m", "eblvm.sample", str(tmp_path), "--n-samples", "5", "--png", "--schedule"]
+    command += ["hot_steps=2", "anneal_steps=2", "cool_steps=2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "samples" / "last"
+    assert np.load(out / "samples.npz")["samples"].shape == (5, *IMAGE)
+    assert (out / "grid.png").is_file() and len(list(out.glob("0000*.png"))) == 5
+    assert "sampling (via_q)" in result.stderr
+
+
+def test_sample_command_names_a_missing_checkpoint(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "eblvm.sample", str(tmp_path / "nowhere.ckpt")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and f"no checkpoint at {tmp_path / 'nowhere.ckpt'}" in result.stderr

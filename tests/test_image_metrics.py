@@ -120,21 +120,11 @@ def test_missing_inception_weights_name_the_file_and_the_config_key(weights):
     assert weights is None or weights in str(error.value)
 
 
-def test_inception_loads_the_local_weights_file_and_never_downloads(tmp_path):
+def test_inception_loads_the_local_weights_file_and_never_downloads(random_inception_weights):
     """A weights file with torch-fidelity's architecture (random He-initialised weights, so that features stay of
     order one through the depth): the metric loads it strictly from disk, and the download function, if reached,
     fails the test. Different images get different features."""
-    with (
-        mock.patch("torch.load"),
-        mock.patch.object(feature_extractor_inceptionv3.FeatureExtractorInceptionV3, "load_state_dict"),
-    ):
-        net = feature_extractor_inceptionv3.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], "unused")
-    torch.manual_seed(0)
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    weights = tmp_path / "inception.pth"
-    torch.save(net.state_dict(), weights)
+    weights = random_inception_weights
     gray = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     no_download = mock.patch.object(
         feature_extractor_inceptionv3, "load_state_dict_from_url", side_effect=AssertionError("tried to download")

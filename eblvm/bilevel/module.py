@@ -302,7 +302,7 @@ class BilevelModule(pl.LightningModule):
             fakes = torch.cat([sample(chunk) for chunk in reference[:n_fid].split(n_images)])
             quality = image_quality(
                 reference[:n_fid].reshape(-1, *self.image_shape).cpu(),
-                fakes.cpu(),
+                fakes.clamp(0, 1).cpu(),  # Langevin samples may step outside the pixel range
                 inception_weights=self.evaluation.inception_weights,
                 kid_subset_size=self.evaluation.kid_subset_size,
             )
