@@ -1,6 +1,7 @@
 """BiSM's N-K study: n_lower_steps (K) x n_unroll (N) with BiDSM, and the gradient bias against both counts.
 
     python experiments/nk_study/study.py --setting quick   # the whole pipeline in about a minute
+    python experiments/nk_study/study.py --setting short   # 5k steps per run: about 30 minutes on 2 CPU cores
     python experiments/nk_study/study.py                   # 20k steps per run
 
 Data: Frey Face (GRBM 560->400, BiDSM sigma 0.3, Adam lr 2e-4, METHODS §7) when data/frey_rawface.mat exists,
@@ -37,6 +38,7 @@ SETTINGS = {
     "quick": ("trainer.max_steps=10", "trainer.val_check_interval=5", "evaluation.ais_temperatures=50",
               "evaluation.ais_chains=20", "evaluation.gradient_bias_repeats=2", "sampling.gibbs_sweeps=5",
               "sampling.n_samples=16"),
+    "short": ("trainer.max_steps=5000", "trainer.val_check_interval=1000"),
     "default": ("trainer.max_steps=20000", "trainer.val_check_interval=2000"),
 }  # fmt: skip
 
