@@ -2,34 +2,70 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from eblvm.errors import ConfigError, DivergenceError
+from eblvm.errors import ConfigError, DivergenceError, Preempted
 from eblvm.run import format_summary, run
 
 log = logging.getLogger("eblvm")
 
+# Exit codes of a single run; a multirun job records its code in <job>/outcome.json and the sweep goes on.
+EXIT_FAILED = 1
 EXIT_CONFIG_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 4
+
+
+def _outcome(error: BaseException | None, cfg: DictConfig) -> dict:
+    """What ``outcome.json`` records for a run that ended with ``error`` (None: it finished)."""
+    if error is None:
+        return {"status": "ok", "exit_code": 0, "message": "", "step": None}
+    if isinstance(error, ConfigError | FileNotFoundError):
+        return {"status": "failed", "exit_code": EXIT_CONFIG_ERROR, "message": f"invalid configuration: {error}",
+                "step": None}  # fmt: skip
+    if isinstance(error, DivergenceError):
+        message = f"{error}; the last finite checkpoint is kept in {cfg.paths.output_dir}/checkpoints"
+        return {"status": "diverged", "exit_code": EXIT_DIVERGED, "message": message, "step": error.step}
+    if isinstance(error, Preempted):
+        message = f"{error}; continue with auto_resume=true (same run directory) or ckpt_path=<that file>"
+        return {"status": "preempted", "exit_code": EXIT_PREEMPTED, "message": message, "step": error.step}
+    return {"status": "failed", "exit_code": EXIT_FAILED, "message": f"{type(error).__name__}: {error}", "step": None}
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    summary, error = None, None
     try:
         summary = run(cfg)
-    except (ConfigError, FileNotFoundError) as error:
-        log.error("invalid configuration: %s", error)
-        sys.exit(EXIT_CONFIG_ERROR)
-    except DivergenceError as error:
-        log.error("%s; the last finite checkpoint is kept in %s/checkpoints", error, cfg.paths.output_dir)
-        sys.exit(EXIT_DIVERGED)
+    except (ConfigError, FileNotFoundError, DivergenceError, Preempted) as known:
+        error = known
+    except Exception as unexpected:
+        if not multirun:
+            raise
+        log.exception("job failed")
+        error = unexpected
     finally:
         if "wandb" in sys.modules:
             sys.modules["wandb"].finish()
+    outcome = _outcome(error, cfg)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "outcome.json").write_text(json.dumps(outcome, indent=2))
+    if error is not None:
+        log.error(outcome["message"])
+        if not multirun:
+            sys.exit(outcome["exit_code"])
+        return math.nan if cfg.get("optimized_metric") else None
     print(format_summary(summary, cfg.paths.output_dir), flush=True)
     return summary.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
 

@@ -1,14 +1,18 @@
-"""Rebuilding a finished run's data, model and posterior from its directory and one of its checkpoints."""
+"""Checkpoints: written atomically, verified before use, and turned back into a run's data, model and posterior."""
 
 from __future__ import annotations
 
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from eblvm.errors import ConfigError
 from eblvm.models.base import EnergyModel
 from eblvm.posteriors.base import Posterior
 
@@ -25,6 +29,50 @@ class TrainedRun:
     model: EnergyModel
     posterior: Posterior | None
     checkpoint: dict[str, Any]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic: the checkpoint goes to a hidden temporary file beside the target,
+    is flushed to disk, and is renamed over the target. A run killed mid-write leaves the previous file intact."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        with open(partial, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+
+
+def gather_rank_states(trainer, state: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``state`` (a generator state) stacked as (world_size, n), for the checkpoint rank 0 writes.
+
+    Called on all ranks at once (Lightning builds a checkpoint on every rank); without a trainer, one row.
+    """
+    if trainer is None or trainer.world_size == 1:
+        return state.unsqueeze(0)
+    strategy = trainer.strategy
+    return strategy.all_gather(state.to(strategy.root_device)).cpu()
+
+
+def verify_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
+    """Raise ``ConfigError`` naming ``key`` unless ``path`` is a complete checkpoint.
+
+    Torch checkpoints are zip archives: a truncated or overwritten file fails to open or fails a member's CRC.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as error:
+        damaged = str(error)
+    if damaged is not None:
+        raise ConfigError(
+            key,
+            str(path),
+            f"is not a complete checkpoint (truncated or corrupt: {damaged}); resume from another one "
+            "(e.g. checkpoints/best.ckpt) or remove it to start over",
+        )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -54,6 +102,7 @@ def load_run(checkpoint: str | Path, weights: str = "saved", with_data: bool = T
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: must be one of {', '.join(WEIGHTS)}")
     file = resolve_checkpoint(checkpoint)
+    verify_checkpoint(file, key="checkpoint")
     config_file = file.parent.parent / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: {file} must sit in <run>/checkpoints/ of an eblvm run")

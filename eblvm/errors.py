@@ -28,6 +28,14 @@ class DivergenceError(RuntimeError):
         super().__init__(f"training diverged at step {step}: {quantity} is {value}")
 
 
+class Preempted(RuntimeError):
+    """A signal (SIGTERM, SIGUSR1) stopped the run at a step boundary after its checkpoint was written."""
+
+    def __init__(self, step: int, signal_name: str):
+        self.step, self.signal_name = step, signal_name
+        super().__init__(f"{signal_name} received: stopped at step {step} with checkpoints/last.ckpt written")
+
+
 def require(condition: bool, key: str, value: Any, allowed: str) -> None:
     """Raise ``ConfigError(key, value, allowed)`` unless ``condition`` holds."""
     if not condition:

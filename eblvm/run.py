@@ -15,24 +15,27 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EMAWeightAveraging
 
+from eblvm.bilevel.ema import ParameterEMA
 from eblvm.bilevel.module import BilevelModule, EvalConfig
 from eblvm.bilevel.optim import OptimConfig
+from eblvm.checkpoints import AtomicCheckpointIO, verify_checkpoint
 from eblvm.errors import ConfigError, require, require_choice
 from eblvm.evaluation.images import linear_probe
 from eblvm.evaluation.plots import plot_density, plot_samples
 from eblvm.models.grbm import GRBM
+from eblvm.preemption import PreemptionCheckpoint
 from eblvm.sampling.draw import SamplingConfig, draw_samples
 
 log = logging.getLogger(__name__)
 
-# Lightning notices that do not apply here: data are in-memory tensors (no workers needed), the CSV logger shares
-# the run directory with Hydra's files on purpose (it only replaces its own metrics.csv), and a deprecation inside
-# Lightning itself.
+WANDB_ID_FILE = "wandb_run_id"
+
+# Notices that do not apply here: data are in-memory tensors (no workers needed), and deprecations inside
+# Lightning and torchdata themselves.
 for message in (
     ".*does not have many workers.*",
-    "Experiment logs directory .* exists and is not empty.*",
+    ".*'set_vital' is deprecated.*",
     ".*isinstance\\(treespec, LeafSpec\\).*",
 ):
     warnings.filterwarnings("ignore", message=message)
@@ -123,6 +126,45 @@ def _linear_probe_accuracy(module: BilevelModule, datamodule) -> float | None:
     return linear_probe(means(datamodule.train_data), train_labels, means(datamodule.splits.test), test_labels)
 
 
+def resume_checkpoint(cfg: DictConfig, out: Path) -> Path | None:
+    """The checkpoint to continue from: ``ckpt_path`` when given (it must exist), else with ``auto_resume`` the run
+    directory's ``checkpoints/last.ckpt`` if there is one; checked to be complete before anything is built."""
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        require(path.is_file(), "ckpt_path", cfg.ckpt_path, "no such file: pass a <run>/checkpoints/*.ckpt file")
+    elif cfg.get("auto_resume"):
+        path = out / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            return None
+    else:
+        return None
+    verify_checkpoint(path, key="ckpt_path")
+    return path
+
+
+def _instantiate_loggers(cfg: DictConfig, out: Path, resume_from: Path | None) -> list:
+    """The configured loggers. A W&B run's id is kept in ``<run>/wandb_run_id``; a resumed run reuses the id of the
+    run it continues, so the curves go on in the same W&B run."""
+    loggers = []
+    for node in (cfg.logger or {}).values():
+        if get_class(node._target_) is not pl.loggers.WandbLogger:
+            loggers.append(instantiate(node))
+            continue
+        earlier = resume_from.parent.parent / WANDB_ID_FILE if resume_from is not None else None
+        run_id = earlier.read_text().strip() if earlier is not None and earlier.is_file() else None
+        logger = instantiate(node, id=run_id or wandb_run_id(), resume="allow")
+        (out / WANDB_ID_FILE).write_text(logger._wandb_init["id"])
+        loggers.append(logger)
+    return loggers
+
+
+def wandb_run_id() -> str:
+    """A fresh W&B run id (imported late: wandb is only loaded by runs that log to it)."""
+    from wandb.util import generate_id
+
+    return generate_id()
+
+
 def _log_z_method(model, evaluation: EvalConfig) -> str | None:
     if not isinstance(model, GRBM):
         return None
@@ -163,6 +205,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     optim = build_dataclass("optim", OptimConfig, cfg.optim)
     evaluation = build_dataclass("evaluation", EvalConfig, cfg.evaluation)
     sampling = build_dataclass("sampling", SamplingConfig, cfg.sampling)
+    resume_from = resume_checkpoint(cfg, out)
     ema_decay = cfg.get("ema_decay")
     require(ema_decay is None or 0 < ema_decay < 1, "ema_decay", ema_decay, "must be null or in (0, 1), e.g. 0.999")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -186,19 +229,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     module = BilevelModule(
-        model, posterior, objective, optim, evaluation, cfg.seed, sampling, image_shape=datamodule.image_shape
+        model,
+        posterior,
+        objective,
+        optim,
+        evaluation,
+        cfg.seed,
+        sampling,
+        image_shape=datamodule.image_shape,
+        on_nonfinite=cfg.on_nonfinite,
+        max_consecutive_skips=cfg.max_consecutive_skips,
     )
-    loggers = [instantiate(node) for node in (cfg.logger or {}).values()]
+    loggers = _instantiate_loggers(cfg, out, resume_from)
     callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
+    callbacks.append(PreemptionCheckpoint(out / "checkpoints" / "last.ckpt"))
     if ema_decay is not None:  # validation, checkpoints' state_dict and the final test use the averaged weights
-        callbacks.append(EMAWeightAveraging(decay=ema_decay))
+        callbacks.append(ParameterEMA(decay=ema_decay))
     weights = "raw" if ema_decay is None else f"EMA (decay {ema_decay})"
     for logger in loggers:
         logger.log_hyperparams({"evaluated_weights": weights, "sampling_mode": sampling_mode or "gibbs"})
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    plugins = [*(instantiate(cfg.trainer.get("plugins")) or []), AtomicCheckpointIO()]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins)
 
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
     start = time.perf_counter()
-    trainer.fit(module, datamodule)
+    # eblvm's checkpoints hold numpy and Python random states besides tensors: loaded in full (weights_only=False)
+    trainer.fit(module, datamodule, ckpt_path=resume_from, weights_only=False if resume_from else None)
     train_seconds = time.perf_counter() - start
     # the last validation's values of the metrics measured during training only (test replaces callback_metrics)
     training_metrics = {

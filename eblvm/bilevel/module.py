@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.bilevel.unroll import unroll
-from eblvm.errors import DivergenceError, require
+from eblvm.checkpoints import gather_rank_states
+from eblvm.errors import DivergenceError, require, require_choice
 from eblvm.evaluation.images import image_quality
 from eblvm.evaluation.likelihood import LogPartition, log_likelihood, log_partition
 from eblvm.evaluation.plots import save_image_grid
@@ -25,6 +27,8 @@ from eblvm.objectives.scores import frozen_energy
 from eblvm.posteriors.base import BoundPosterior, Posterior
 from eblvm.posteriors.bernoulli import BernoulliFamily
 from eblvm.sampling.draw import SamplingConfig, draw_samples
+
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,11 @@ class BilevelModule(pl.LightningModule):
     2. ``n_unroll`` differentiable steps from detached copies of q's weights and optimizer state (``φ_N(θ)``);
     3. the higher loss with ``φ_N``, backward into θ only, optional clipping, one energy step and its schedule.
 
-    Exact-score objectives skip 1–2. Every rank draws its own noise from a generator seeded ``seed + rank``.
-    A non-finite loss or gradient raises ``DivergenceError`` before the parameters are touched.
+    Exact-score objectives skip 1–2. Every rank draws its own noise from a generator seeded ``seed + rank``;
+    checkpoints hold every rank's generator state and the global random states, so a resumed run draws the same
+    noise as an uninterrupted one. A non-finite loss or gradient is caught before the parameters are touched:
+    ``on_nonfinite="stop"`` raises ``DivergenceError``; ``"skip"`` drops the iteration, counts it in
+    ``train/skipped_steps`` and raises only after ``max_consecutive_skips`` dropped iterations in a row.
     """
 
     def __init__(
@@ -85,6 +92,8 @@ class BilevelModule(pl.LightningModule):
         seed: int = 0,
         sampling: SamplingConfig | None = None,
         image_shape: tuple[int, int, int] | None = None,
+        on_nonfinite: str = "stop",
+        max_consecutive_skips: int = 10,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -97,6 +106,12 @@ class BilevelModule(pl.LightningModule):
         self.sampling = sampling or SamplingConfig()
         # deep energies on images: sample grids (and FID) at every validation; GRBMs draw figures at the end only
         self.image_shape = image_shape if not isinstance(model, GRBM) else None
+        require_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+        require(max_consecutive_skips >= 1, "max_consecutive_skips", max_consecutive_skips, "must be >= 1")
+        self.on_nonfinite = on_nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps = 0
+        self._consecutive_skips = 0
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
         self._log_z: LogPartition | None = None
@@ -116,10 +131,19 @@ class BilevelModule(pl.LightningModule):
         return self._generator
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["eblvm_generator_state"] = self.generator.get_state()
+        """Called on every rank; rank 0 writes the file, so the per-rank generator states are gathered first."""
+        checkpoint["eblvm_generator_states"] = gather_rank_states(self._trainer, self.generator.get_state())
+        checkpoint["eblvm_global_rng_states"] = _collect_rng_states()
+        checkpoint["eblvm_skipped_steps"] = (self.skipped_steps, self._consecutive_skips)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._generator, self._generator_state = None, checkpoint.get("eblvm_generator_state")
+        states = checkpoint.get("eblvm_generator_states")
+        rank, world_size = (self.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
+        own = states[rank] if states is not None and len(states) == world_size else None
+        self._generator, self._generator_state = None, own
+        if "eblvm_global_rng_states" in checkpoint:
+            _set_rng_states(checkpoint["eblvm_global_rng_states"])
+        self.skipped_steps, self._consecutive_skips = checkpoint.get("eblvm_skipped_steps", (0, 0))
 
     def __getstate__(self):  # a generator is rebuilt in each process (spawned DDP workers included)
         state = super().__getstate__()
@@ -149,13 +173,27 @@ class BilevelModule(pl.LightningModule):
         grads = [p.grad for p in params if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
-    def _check_finite(self, quantity: str, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Stop on a non-finite loss or gradient norm (gradients are all-reduced, so every rank agrees)."""
-        for name, value in ((f"{quantity} loss", loss), (f"{quantity} gradient norm", grad_norm)):
-            if not torch.isfinite(value):
-                raise DivergenceError(self.global_step, name, float(value))
+    def _finite(self, quantity: str, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether the step may go on: True when the loss and gradient norm are finite. Otherwise ``stop`` raises
+        ``DivergenceError`` and ``skip`` counts the dropped step (raising after too many in a row). Gradients are
+        all-reduced, so every rank reaches the same decision."""
+        bad = [(name, value) for name, value in ((f"{quantity} loss", loss), (f"{quantity} gradient norm", grad_norm))
+               if not torch.isfinite(value)]  # fmt: skip
+        if not bad:
+            return True
+        name, value = bad[0]
+        if self.on_nonfinite == "stop":
+            raise DivergenceError(self.global_step, name, float(value))
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise DivergenceError(
+                self.global_step, f"{name} ({self._consecutive_skips} non-finite iterations in a row)", float(value)
+            )
+        return False
 
-    def _lower_level(self, v: torch.Tensor, optimizer, scheduler) -> dict[str, torch.Tensor]:
+    def _lower_level(self, v: torch.Tensor, optimizer, scheduler) -> dict[str, torch.Tensor] | None:
+        """``n_lower_steps`` steps of q; None when a non-finite one was dropped (the iteration is skipped)."""
         frozen, q = frozen_energy(self.model), BoundPosterior(self.posterior)
         logs = {}
         for _ in range(self.objective.n_lower_steps):
@@ -163,7 +201,9 @@ class BilevelModule(pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             grad_norm = self._grad_norm(self.posterior.parameters())
-            self._check_finite("lower", loss.detach(), grad_norm)
+            if not self._finite("lower", loss.detach(), grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                return None
             optimizer.optimizer.step()  # the raw optimizer: global_step counts energy steps only
             logs = {"train/lower_loss": loss.detach(), "train/posterior_grad_norm": grad_norm}
         scheduler.step()
@@ -174,7 +214,10 @@ class BilevelModule(pl.LightningModule):
         schedulers = self._as_list(self.lr_schedulers())
         logs = {}
         if self.trains_posterior:
-            logs.update(self._lower_level(v, optimizers[1], schedulers[1]))
+            lower_logs = self._lower_level(v, optimizers[1], schedulers[1])
+            if lower_logs is None:
+                return
+            logs.update(lower_logs)
             q = unroll(
                 self.posterior,
                 optimizers[1].optimizer,
@@ -187,13 +230,18 @@ class BilevelModule(pl.LightningModule):
         optimizers[0].zero_grad(set_to_none=True)
         self.manual_backward(loss)
         grad_norm = self._grad_norm(optimizers[0].param_groups[0]["params"])
-        self._check_finite("higher", loss.detach(), grad_norm)
+        if not self._finite("higher", loss.detach(), grad_norm):
+            optimizers[0].zero_grad(set_to_none=True)
+            return
+        self._consecutive_skips = 0
         if self.optim.clip_grad_norm is not None:
             self.clip_gradients(optimizers[0], self.optim.clip_grad_norm, "norm")
         optimizers[0].step()
         schedulers[0].step()
         logs.update({"train/loss": loss.detach(), "train/grad_norm": grad_norm})
         logs["train/lr"] = torch.tensor(optimizers[0].param_groups[0]["lr"])
+        if self.on_nonfinite == "skip":
+            logs["train/skipped_steps"] = torch.tensor(float(self.skipped_steps))
         self.log_dict(logs, prog_bar=False, batch_size=v.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=v.shape[0])
 

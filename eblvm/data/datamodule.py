@@ -11,7 +11,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from eblvm.checkpoints import gather_rank_states
 from eblvm.data.splits import Splits
 from eblvm.errors import require
 
@@ -49,6 +51,9 @@ class EBLVMDataModule(pl.LightningDataModule):
     is kept as ``self.image_shape = (C, H, W)``. ``random_flip`` mirrors a random half of every training batch
     along the image width (validation and test batches are never flipped); each process draws its flips from its
     own generator, seeded from the Lightning seed (``PL_GLOBAL_SEED``, else torch's initial seed) and its rank.
+
+    Resuming is exact: the training loader is a ``StatefulDataLoader`` whose position and shuffling state
+    Lightning saves in checkpoints, and every rank's flip generator is saved beside it.
     """
 
     def __init__(
@@ -99,7 +104,7 @@ class EBLVMDataModule(pl.LightningDataModule):
         return labels
 
     def _loader(self, data: torch.Tensor, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
+        return StatefulDataLoader(
             TensorDataset(data),
             batch_size=batch_size,
             shuffle=shuffle,
@@ -125,6 +130,18 @@ class EBLVMDataModule(pl.LightningDataModule):
             flip = torch.rand(len(batch), generator=self._generator()) < 0.5
             batch = flip_horizontally(batch, self.image_shape, flip.to(batch.device))
         return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's flip generator state (Lightning calls this on all ranks when it builds a checkpoint)."""
+        if not self.random_flip:
+            return {}
+        return {"flip_generator_states": gather_rank_states(self.trainer, self._generator().get_state())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict.get("flip_generator_states")
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if states is not None and len(states) == world_size:
+            self._generator().set_state(states[rank])
 
     def _generator(self) -> torch.Generator:
         """This process's flip generator, created on first use from the Lightning seed and the global rank."""
