@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from eblvm.errors import ConfigError, DivergenceError, Preempted
@@ -18,7 +18,8 @@ from eblvm.run import format_summary, run
 
 log = logging.getLogger("eblvm")
 
-# Exit codes of a single run; a multirun job records its code in <job>/outcome.json and the sweep goes on.
+# Exit codes of a single run; a multirun job records its code in <job>/outcome.json, returns no value and the
+# sweep goes on.
 EXIT_FAILED = 1
 EXIT_CONFIG_ERROR = 2
 EXIT_DIVERGED = 3
@@ -58,14 +59,15 @@ def main(cfg: DictConfig) -> float | None:
         if "wandb" in sys.modules:
             sys.modules["wandb"].finish()
     outcome = _outcome(error, cfg)
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "outcome.json").write_text(json.dumps(outcome, indent=2))
+    if rank_zero_only.rank == 0:  # DDP launched as processes: every rank runs this, one writes
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "outcome.json").write_text(json.dumps(outcome, indent=2))
     if error is not None:
         log.error(outcome["message"])
         if not multirun:
             sys.exit(outcome["exit_code"])
-        return math.nan if cfg.get("optimized_metric") else None
+        return None  # sweepers record no value: Optuna marks the trial failed and the study goes on
     print(format_summary(summary, cfg.paths.output_dir), flush=True)
     return summary.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
 

@@ -191,13 +191,17 @@ def test_plot_samples_rejects_other_channel_counts(tmp_path):
         plot_samples(torch.rand(4, 2 * 6 * 5), torch.rand(4, 60), tmp_path / "samples.png", image_shape=(2, 6, 5))
 
 
-@pytest.mark.parametrize(("channels", "nrow", "grid"), [(1, None, (3, 3)), (3, 4, (4, 2))])
-def test_save_image_grid_writes_a_grid_of_the_right_size(tmp_path, channels, nrow, grid):
-    """torchvision pads every image with 2 pixels: (columns (W + 2) + 2) × (rows (H + 2) + 2)."""
+@pytest.mark.parametrize(
+    ("channels", "nrow", "grid", "upscale_to", "factor"),
+    [(1, None, (3, 3), 1, 1), (3, 4, (4, 2), 1, 1), (1, None, (3, 3), 32, 5), (3, 4, (4, 2), 12, 2)],
+)
+def test_save_image_grid_writes_a_grid_of_the_right_size(tmp_path, channels, nrow, grid, upscale_to, factor):
+    """torchvision pads every image with 2 pixels: (columns (f W + 2) + 2) × (rows (f H + 2) + 2), f the integer
+    enlargement of images smaller than ``upscale_to``."""
     images = torch.rand(7, channels, 6, 5) * 3 - 1  # outside [0, 1] on purpose: clamped
-    path = save_image_grid(images, tmp_path / "grid" / "samples.png", nrow=nrow)
+    path = save_image_grid(images, tmp_path / "grid" / "samples.png", nrow=nrow, upscale_to=upscale_to)
     columns, rows = grid
     with Image.open(path) as image:
-        assert image.size == (columns * (5 + 2) + 2, rows * (6 + 2) + 2)
+        assert image.size == (columns * (factor * 5 + 2) + 2, rows * (factor * 6 + 2) + 2)
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.min() == 0 and pixels.max() == 255

@@ -101,12 +101,17 @@ def plot_samples(
     return _save(fig, path)
 
 
-def save_image_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
+def save_image_grid(images: torch.Tensor, path: Path, nrow: int | None = None, upscale_to: int = 32) -> Path:
     """A PNG grid of images ``(N, C, H, W)`` in ``[0, 1]`` (clamped), ``nrow`` per row (``⌈√N⌉`` by default),
-    with torchvision's 2-pixel padding: the sample grids of deep models."""
+    with torchvision's 2-pixel padding: the sample grids of deep models. Images smaller than ``upscale_to``
+    pixels are enlarged by the integer factor ``upscale_to // max(H, W)`` (nearest neighbour), so 8×8 digits can
+    be seen; 1 keeps every size."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images = images.detach().cpu()
+    factor = max(1, upscale_to // max(images.shape[-2:]))
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
     nrow = math.ceil(math.sqrt(len(images))) if nrow is None else nrow
     save_image(images.clamp(0, 1), path, nrow=nrow)
     return path
