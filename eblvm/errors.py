@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# Top-level config keys that a component may name in its errors about another group's value.
+GROUPS_NAMED_FROM_ELSEWHERE = ("data", "trainer")
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work, raised before any training starts.
@@ -17,6 +20,10 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={value!r}: {allowed}")
 
     def with_prefix(self, prefix: str) -> ConfigError:
+        """The same error under the config group ``prefix``; a key that names another group (``data.…``, raised
+        by a model about the data it was given) is already complete and is kept."""
+        if self.key.split(".", 1)[0] in GROUPS_NAMED_FROM_ELSEWHERE:
+            return self
         return ConfigError(f"{prefix}.{self.key}", self.value, self.allowed)
 
 

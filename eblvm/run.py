@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
+import secrets
 import time
 import warnings
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from eblvm.bilevel.ema import ParameterEMA
 from eblvm.bilevel.module import BilevelModule, EvalConfig
@@ -47,6 +49,7 @@ def build(group: str, node: DictConfig, **runtime: Any) -> Any:
     A ``ConfigError`` raised by a constructor is re-raised with the group's prefix (``sigma`` → ``objective.sigma``)
     and Hydra's wrapper is removed from a missing-file error, so the user sees the message that names the fix.
     """
+    check_unknown_keys(group, node)
     accepted = inspect.signature(get_class(node._target_)).parameters
     try:
         return instantiate(node, **{k: v for k, v in runtime.items() if k in accepted})
@@ -71,6 +74,41 @@ def build_check(group: str, check, *args: Any) -> Any:
         return check(*args)
     except ConfigError as error:
         raise error.with_prefix(group) from None
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """``trainer.devices`` must exist here: no more GPUs than are visible, no more CPU processes than cores."""
+    accelerator, devices = str(trainer.get("accelerator", "auto")), trainer.get("devices", "auto")
+    gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda"):
+        require(gpus > 0, "trainer.accelerator", accelerator, "no GPU is visible on this machine: use trainer=cpu")
+        available, what = gpus, "GPUs"
+    elif accelerator == "cpu":
+        available, what = os.cpu_count() or 1, "CPU cores"
+    else:
+        return
+    count = len(devices) if isinstance(devices, ListConfig | list) else devices
+    require(
+        not isinstance(count, int) or count <= available,
+        "trainer.devices",
+        devices,
+        f"this machine has {available} {what}: use at most {available} (or -1 for all of them)",
+    )
+
+
+def check_unknown_keys(group: str, node: DictConfig) -> None:
+    """Every key of a ``_target_`` node must be an argument of its target, so a misspelt key names itself."""
+    parameters = inspect.signature(get_class(node._target_)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(key for key in node if not key.startswith("_") and key not in parameters)
+    require(
+        not unknown,
+        f"{group}.{unknown[0]}" if unknown else group,
+        node.get(unknown[0]) if unknown else None,
+        f"{node._target_.rsplit('.', 1)[-1]} takes no such key; its keys are "
+        + ", ".join(name for name in parameters if name not in ("self", "v_dim", "image_shape", "model")),
+    )
 
 
 def check_pairing(model, posterior, objective) -> None:
@@ -152,17 +190,11 @@ def _instantiate_loggers(cfg: DictConfig, out: Path, resume_from: Path | None) -
             continue
         earlier = resume_from.parent.parent / WANDB_ID_FILE if resume_from is not None else None
         run_id = earlier.read_text().strip() if earlier is not None and earlier.is_file() else None
-        logger = instantiate(node, id=run_id or wandb_run_id(), resume="allow")
+        # a new run: 8 random lowercase hex characters, the form of W&B's own run ids
+        logger = instantiate(node, id=run_id or secrets.token_hex(4), resume="allow")
         (out / WANDB_ID_FILE).write_text(logger._wandb_init["id"])
         loggers.append(logger)
     return loggers
-
-
-def wandb_run_id() -> str:
-    """A fresh W&B run id (imported late: wandb is only loaded by runs that log to it)."""
-    from wandb.util import generate_id
-
-    return generate_id()
 
 
 def _log_z_method(model, evaluation: EvalConfig) -> str | None:
@@ -201,6 +233,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     require(int(cfg.trainer.max_steps) >= 1, "trainer.max_steps", cfg.trainer.max_steps, "must be >= 1")
     require_choice("test_checkpoint", cfg.test_checkpoint, ("best", "last"))
+    check_devices(cfg.trainer)
     objective = build("objective", cfg.objective)
     optim = build_dataclass("optim", OptimConfig, cfg.optim)
     evaluation = build_dataclass("evaluation", EvalConfig, cfg.evaluation)

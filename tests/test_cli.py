@@ -67,6 +67,17 @@ def test_multirun_runs_each_job_in_its_own_directory_with_its_own_wandb_run(tmp_
         assert len(list((job / "wandb").glob("offline-run-*"))) == 1
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path):
+    overrides = [*(o for o in FAST_RUN if o != "logger=csv"), f"hydra.run.dir={tmp_path}"]
+    assert train(*overrides, "trainer.max_steps=15", wandb_mode="offline").returncode == 0
+    resumed = train(*overrides, "trainer.max_steps=30", "auto_resume=true", wandb_mode="offline")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs), runs
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 30
+
+
 def test_bad_value_exits_2_before_training_and_names_the_key(tmp_path):
     result = train(*FAST_RUN, "objective.n_unroll=-1", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -128,3 +130,60 @@ def test_missing_data_file_names_the_path_and_the_fix(tmp_path):
         run(cfg)
     assert str(tmp_path / "frey_rawface.mat") in str(error.value)
     assert "data.splits.path=" in str(error.value)
+
+
+DIGITS = ["data=digits", "trainer.max_steps=1", "callbacks.progress.refresh_rate=0", "logger=csv"]
+DEEP_DIGITS = DIGITS + ["model=latent_ebm", "model.h_dim=4", "model.channels=4",
+                        "callbacks.checkpoint.monitor=val/objective", "callbacks.checkpoint.mode=min"]  # fmt: skip
+CONV_POSTERIOR = ["posterior=gaussian_conv", "posterior.channels=[4,4,4]"]
+CPU_CORES = os.cpu_count()
+IMPOSSIBLE_COMBINATIONS = [
+    ("exact score, no free energy", DEEP_DIGITS + CONV_POSTERIOR + ["objective=dsm"], "objective.estimator='exact'",
+     "tractable free energy"),
+    ("binary q for continuous latents", DEEP_DIGITS + ["posterior=bernoulli", "posterior.h_dim=4"], "posterior=",
+     "binary latents but LatentEBM has continuous"),
+    ("deep energy on 2-D points", FAST_RUN + ["model=latent_ebm"], "data.image_shape=None",
+     "deep energies need image data"),
+    ("image size the ResNet cannot take", DEEP_DIGITS + CONV_POSTERIOR + ["data.image_shape=[1,4,16]"],
+     "data.image_shape=[1, 4, 16]",
+     "multiples of 8"),
+    ("conv posterior on a GRBM", DIGITS + CONV_POSTERIOR, "posterior='GaussianConvPosterior'",
+     "has continuous latents but GRBM has binary ones"),
+    ("more CPU processes than cores", FAST_RUN + ["trainer=ddp_cpu", f"trainer.devices={CPU_CORES + 1}"],
+     f"trainer.devices={CPU_CORES + 1}", f"this machine has {CPU_CORES} CPU cores"),
+    ("misspelt key of a component", FAST_RUN + ["+objective.n_unrol=3"], "objective.n_unrol=3",
+     "ScoreMatching takes no such key"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key_and_value", "allowed"),
+    [case[1:] for case in IMPOSSIBLE_COMBINATIONS],
+    ids=[case[0] for case in IMPOSSIBLE_COMBINATIONS],
+)
+def test_combinations_that_cannot_work_stop_before_training(tmp_path, overrides, key_and_value, allowed):
+    with pytest.raises(ConfigError) as error:
+        run(compose_train_config(tmp_path, overrides))
+    message = str(error.value)
+    assert message.startswith(key_and_value) and allowed in message, message
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPUs")
+def test_gpu_trainer_without_a_gpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.accelerator='gpu': no GPU is visible on this machine"):
+        run(compose_train_config(tmp_path, FAST_RUN + ["trainer=gpu"]))
+
+
+def test_misspelt_keys_in_an_experiment_file_stop_composition(tmp_path):
+    """The train.yaml schema (eblvm/config.py) covers keys that experiment files set, not only command-line ones."""
+    (tmp_path / "experiment").mkdir()
+    for name, body in (("top", "evaluaton:\n  ais_chains: 10\n"), ("nested", "evaluation:\n  ais_chain: 10\n")):
+        (tmp_path / "experiment" / f"{name}.yaml").write_text("# @package _global_\n" + body)
+    search_path = f"hydra.searchpath=[file://{tmp_path}]"
+    with pytest.raises(ConfigCompositionException, match="evaluaton"):
+        compose_train_config(tmp_path, [search_path, "experiment=top"])
+    with pytest.raises(ConfigCompositionException, match="ais_chain"):
+        compose_train_config(tmp_path, [search_path, "experiment=nested"])
+    with pytest.raises(ConfigCompositionException, match="ema_decay"):
+        compose_train_config(tmp_path, ["ema_decay=fast"])  # typed: a float or null
