@@ -37,7 +37,7 @@ format: install
 bench: install  ## speed and memory of a training iteration on this machine
 	$(PYTHON) benchmarks/bench_iteration.py
 
-checkerboard: install  ## the BiSM checkerboard study; SETTING=quick|short|default|paper
+checkerboard: install  ## the BiSM checkerboard study; SETTING=quick|default|paper
 	$(PYTHON) experiments/checkerboard/study.py --setting $(or $(SETTING),default)
 
 nk-study: install  ## BiDSM over n_lower_steps x n_unroll and its gradient bias; SETTING=quick|short|default
