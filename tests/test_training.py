@@ -68,6 +68,8 @@ def test_ddp_on_two_cpu_processes(tmp_path, overrides):
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert len(checkpoint["optimizer_states"]) == 2
     assert all(state["state"] for state in checkpoint["optimizer_states"]), "both optimizers have stepped"
+    generator_states = checkpoint["eblvm_generator_states"]
+    assert len(generator_states) == 2 and not torch.equal(*generator_states), "each rank's noise state is saved"
     with open(tmp_path / "metrics.csv", newline="") as file:
         header = next(csv.reader(file))
     assert {"val/objective", "test/objective"} <= set(header), "fit and test metrics share one metrics.csv"
