@@ -56,6 +56,18 @@ def gather_rank_states(trainer, state: torch.Tensor) -> torch.Tensor:
     return strategy.all_gather(state.to(strategy.root_device)).cpu()
 
 
+def own_rank_state(trainer, states: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's row of ``states`` as ``gather_rank_states`` stacked them; None when there are none or they were
+    saved by a different number of ranks (the generator then starts from its seed)."""
+    rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    return states[rank] if states is not None and len(states) == world_size else None
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """``<run>/checkpoints/last.ckpt``: the latest state of a run, written at every validation and on preemption."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 def verify_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
     """Raise ``ConfigError`` naming ``key`` unless ``path`` is a complete checkpoint.
 
@@ -78,7 +90,7 @@ def verify_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run directory (then its ``checkpoints/last.ckpt``); a clear error if absent."""
     path = Path(path)
-    file = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    file = last_checkpoint(path) if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {file}: pass a run directory (holding checkpoints/last.ckpt) or a .ckpt file"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 # Top-level config keys that a component may name in its errors about another group's value.
-GROUPS_NAMED_FROM_ELSEWHERE = ("data", "trainer")
+GROUPS_NAMED_FROM_ELSEWHERE = ("data",)
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from eblvm.bilevel.ema import ParameterEMA
 from eblvm.bilevel.module import BilevelModule, EvalConfig
 from eblvm.bilevel.optim import OptimConfig
-from eblvm.checkpoints import AtomicCheckpointIO, verify_checkpoint
+from eblvm.checkpoints import AtomicCheckpointIO, last_checkpoint, verify_checkpoint
 from eblvm.errors import ConfigError, require, require_choice
 from eblvm.evaluation.images import linear_probe
 from eblvm.evaluation.plots import plot_density, plot_samples
@@ -49,8 +49,8 @@ def build(group: str, node: DictConfig, **runtime: Any) -> Any:
     A ``ConfigError`` raised by a constructor is re-raised with the group's prefix (``sigma`` → ``objective.sigma``)
     and Hydra's wrapper is removed from a missing-file error, so the user sees the message that names the fix.
     """
-    check_unknown_keys(group, node)
     accepted = inspect.signature(get_class(node._target_)).parameters
+    check_unknown_keys(group, node, accepted)
     try:
         return instantiate(node, **{k: v for k, v in runtime.items() if k in accepted})
     except InstantiationException as wrapper:
@@ -96,19 +96,18 @@ def check_devices(trainer: DictConfig) -> None:
     )
 
 
-def check_unknown_keys(group: str, node: DictConfig) -> None:
-    """Every key of a ``_target_`` node must be an argument of its target, so a misspelt key names itself."""
-    parameters = inspect.signature(get_class(node._target_)).parameters
+def check_unknown_keys(group: str, node: DictConfig, parameters) -> None:
+    """Every key of a ``_target_`` node must be one of its target's ``parameters``, so a misspelt key names itself."""
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
     unknown = sorted(key for key in node if not key.startswith("_") and key not in parameters)
-    require(
-        not unknown,
-        f"{group}.{unknown[0]}" if unknown else group,
-        node.get(unknown[0]) if unknown else None,
-        f"{node._target_.rsplit('.', 1)[-1]} takes no such key; its keys are "
-        + ", ".join(name for name in parameters if name not in ("self", "v_dim", "image_shape", "model")),
-    )
+    if unknown:
+        keys = ", ".join(name for name in parameters if name not in ("self", "v_dim", "image_shape", "model"))
+        raise ConfigError(
+            f"{group}.{unknown[0]}",
+            node.get(unknown[0]),
+            f"{node._target_.rsplit('.', 1)[-1]} takes no such key; its keys are {keys}",
+        )
 
 
 def check_pairing(model, posterior, objective) -> None:
@@ -171,7 +170,7 @@ def resume_checkpoint(cfg: DictConfig, out: Path) -> Path | None:
         path = Path(cfg.ckpt_path)
         require(path.is_file(), "ckpt_path", cfg.ckpt_path, "no such file: pass a <run>/checkpoints/*.ckpt file")
     elif cfg.get("auto_resume"):
-        path = out / "checkpoints" / "last.ckpt"
+        path = last_checkpoint(out)
         if not path.is_file():
             return None
     else:
@@ -189,11 +188,10 @@ def _instantiate_loggers(cfg: DictConfig, out: Path, resume_from: Path | None) -
             loggers.append(instantiate(node))
             continue
         earlier = resume_from.parent.parent / WANDB_ID_FILE if resume_from is not None else None
-        run_id = earlier.read_text().strip() if earlier is not None and earlier.is_file() else None
         # a new run: 8 random lowercase hex characters, the form of W&B's own run ids
-        logger = instantiate(node, id=run_id or secrets.token_hex(4), resume="allow")
-        (out / WANDB_ID_FILE).write_text(logger._wandb_init["id"])
-        loggers.append(logger)
+        run_id = earlier.read_text().strip() if earlier is not None and earlier.is_file() else secrets.token_hex(4)
+        (out / WANDB_ID_FILE).write_text(run_id)
+        loggers.append(instantiate(node, id=run_id, resume="allow"))
     return loggers
 
 
@@ -275,7 +273,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     loggers = _instantiate_loggers(cfg, out, resume_from)
     callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
-    callbacks.append(PreemptionCheckpoint(out / "checkpoints" / "last.ckpt"))
+    callbacks.append(PreemptionCheckpoint(last_checkpoint(out)))
     if ema_decay is not None:  # validation, checkpoints' state_dict and the final test use the averaged weights
         callbacks.append(ParameterEMA(decay=ema_decay))
     weights = "raw" if ema_decay is None else f"EMA (decay {ema_decay})"
@@ -321,7 +319,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "evaluated_weights": weights,
         "sampling_mode": sampling_mode or "gibbs",
         "best_checkpoint": best,
-        "last_checkpoint": str(out / "checkpoints" / "last.ckpt") if best else "",
+        "last_checkpoint": str(last_checkpoint(out)) if best else "",
         **{name: float(value) for name, value in test_metrics.items()},
         **training_metrics,
         "figures": {name: str(path) for name, path in figures.items()},

@@ -12,7 +12,7 @@ from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.bilevel.unroll import unroll
-from eblvm.checkpoints import gather_rank_states
+from eblvm.checkpoints import gather_rank_states, own_rank_state
 from eblvm.errors import DivergenceError, require, require_choice
 from eblvm.evaluation.images import image_quality
 from eblvm.evaluation.likelihood import LogPartition, log_likelihood, log_partition
@@ -137,9 +137,7 @@ class BilevelModule(pl.LightningModule):
         checkpoint["eblvm_skipped_steps"] = (self.skipped_steps, self._consecutive_skips)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        states = checkpoint.get("eblvm_generator_states")
-        rank, world_size = (self.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
-        own = states[rank] if states is not None and len(states) == world_size else None
+        own = own_rank_state(self._trainer, checkpoint.get("eblvm_generator_states"))
         self._generator, self._generator_state = None, own
         if "eblvm_global_rng_states" in checkpoint:
             _set_rng_states(checkpoint["eblvm_global_rng_states"])

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from eblvm.checkpoints import gather_rank_states
+from eblvm.checkpoints import gather_rank_states, own_rank_state
 from eblvm.data.splits import Splits
 from eblvm.errors import require
 
@@ -138,10 +138,9 @@ class EBLVMDataModule(pl.LightningDataModule):
         return {"flip_generator_states": gather_rank_states(self.trainer, self._generator().get_state())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        states = state_dict.get("flip_generator_states")
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        if states is not None and len(states) == world_size:
-            self._generator().set_state(states[rank])
+        own = own_rank_state(self.trainer, state_dict.get("flip_generator_states"))
+        if own is not None:
+            self._generator().set_state(own)
 
     def _generator(self) -> torch.Generator:
         """This process's flip generator, created on first use from the Lightning seed and the global rank."""
