@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
+import eblvm.config  # noqa: F401  (registers the schema that conf/train.yaml names first)
 from eblvm.errors import ConfigError, DivergenceError, Preempted
 from eblvm.run import format_summary, run
 

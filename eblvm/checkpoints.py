@@ -1,39 +1,55 @@
-"""Checkpoints: written atomically, verified before use, and turned back into a run's data, model and posterior."""
+"""Checkpoints: written atomically, verified and loaded safely (tensors and plain values only), versioned.
+
+Every checkpoint eblvm writes holds, beside Lightning's state, ``checkpoint["eblvm"]``: the format version, the
+run's resolved config and its data shapes, so a checkpoint alone rebuilds its run (``eblvm.assemble.rebuild``).
+Loading never runs code: ``torch.load(weights_only=True)``, with the three numpy globals that rebuild an array
+allowed (checkpoints of format 0, written before the version existed, hold numpy's random state as an array).
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import random
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
 
 from eblvm.errors import ConfigError
-from eblvm.models.base import EnergyModel
-from eblvm.posteriors.base import Posterior
 
-WEIGHTS = ("saved", "raw")
+FORMAT_VERSION = 1
+RECORD_KEY = "eblvm"
 
-
-@dataclass
-class TrainedRun:
-    """What a run directory holds: its resolved config, data, model, posterior (None if it trained none) and the
-    loaded checkpoint dictionary."""
-
-    config: DictConfig
-    datamodule: Any
-    model: EnergyModel
-    posterior: Posterior | None
-    checkpoint: dict[str, Any]
+# What rebuilds a numpy array; nothing else beyond tensors and plain Python values is ever unpickled.
+NUMPY_ARRAY_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made atomic: the checkpoint goes to a hidden temporary file beside the target,
-    is flushed to disk, and is renamed over the target. A run killed mid-write leaves the previous file intact."""
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", key: str = "checkpoint") -> dict[str, Any]:
+    """``torch.load`` of a complete checkpoint with ``weights_only=True``; a file that needs anything else to
+    unpickle (an object whose pickle could run code) is refused with a ``ConfigError`` naming the file."""
+    verify_checkpoint(path, key)
+    try:
+        with torch.serialization.safe_globals(list(NUMPY_ARRAY_GLOBALS)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).split("\n\n", 1)[0].strip()
+        raise ConfigError(
+            key,
+            str(path),
+            f"refused: it holds more than tensors and plain values, and loading it could run code ({reason})",
+        ) from None
+
+
+class CheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reader and writer, made safe and atomic.
+
+    Writing: the checkpoint goes to a hidden temporary file beside the target, is flushed to disk, and is renamed
+    over the target, so a run killed mid-write leaves the previous file intact. Reading: ``load_checkpoint``.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
@@ -44,12 +60,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(file.fileno())
         os.replace(partial, path)
 
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None):
+        return load_checkpoint(path, map_location or "cpu", key="ckpt_path")
+
+
+def random_states() -> dict[str, Any]:
+    """The global torch, numpy and Python random states as tensors and plain values."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the global state itself)
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    """Restore what ``random_states`` saved (format 0's numpy state, an array, is accepted as well)."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((kind, keys.astype(np.uint32), position, has_gauss, cached))  # noqa: NPY002
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "torch.cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+
 
 def gather_rank_states(trainer, state: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``state`` (a generator state) stacked as (world_size, n), for the checkpoint rank 0 writes.
-
-    Called on all ranks at once (Lightning builds a checkpoint on every rank); without a trainer, one row.
-    """
+    """Every rank's ``state`` (a generator state, a chain) stacked as ``(world_size, ...)``, for the checkpoint
+    rank 0 writes. Called on all ranks at once (Lightning builds a checkpoint on every rank); without a trainer,
+    one row."""
     if trainer is None or trainer.world_size == 1:
         return state.unsqueeze(0)
     strategy = trainer.strategy
@@ -64,20 +107,24 @@ def own_rank_state(trainer, states: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def last_checkpoint(run_dir: str | Path) -> Path:
-    """``<run>/checkpoints/last.ckpt``: the latest state of a run, written at every validation and on preemption."""
+    """``<run>/checkpoints/last.ckpt``: the latest state of a run, written at every validation, at the final step
+    and on preemption."""
     return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
 def verify_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
-    """Raise ``ConfigError`` naming ``key`` unless ``path`` is a complete checkpoint.
+    """Raise ``ConfigError`` naming ``key`` unless ``path`` can be read and is a complete checkpoint.
 
     Torch checkpoints are zip archives: a truncated or overwritten file fails to open or fails a member's CRC.
+    A file that cannot be read at all (permissions, a folder) is reported as such.
     """
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as error:
+    except zipfile.BadZipFile as error:
         damaged = str(error)
+    except OSError as error:
+        raise ConfigError(key, str(path), f"cannot be read ({type(error).__name__}: {error.strerror})") from None
     if damaged is not None:
         raise ConfigError(
             key,
@@ -96,42 +143,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"no checkpoint at {file}: pass a run directory (holding checkpoints/last.ckpt) or a .ckpt file"
         )
     return file
-
-
-def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)}
-
-
-def load_run(checkpoint: str | Path, weights: str = "saved", with_data: bool = True) -> TrainedRun:
-    """Rebuild the run that wrote ``checkpoint`` (its ``config.yaml`` sits two levels up).
-
-    ``weights="saved"`` loads the checkpoint's ``state_dict`` (the EMA weights when the run averaged them);
-    ``"raw"`` the raw weights of an EMA run (``current_model_state``). ``with_data`` builds the datamodule (needed
-    for image shapes and for sampling via q); without it only vector models can be rebuilt.
-    """
-    from eblvm.run import build  # late: run.py imports the training stack
-
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: must be one of {', '.join(WEIGHTS)}")
-    file = resolve_checkpoint(checkpoint)
-    verify_checkpoint(file, key="checkpoint")
-    config_file = file.parent.parent / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: {file} must sit in <run>/checkpoints/ of an eblvm run")
-    config = OmegaConf.load(config_file)
-    saved = torch.load(file, map_location="cpu", weights_only=False)
-    state = saved["state_dict"]
-    if weights == "raw":
-        if "current_model_state" not in saved:
-            raise ValueError(f"{file} holds no separate raw weights (the run used no EMA): use weights=saved")
-        state = saved["current_model_state"]
-    datamodule = build("data", config.data) if with_data else None
-    shapes = {"v_dim": datamodule.dim, "image_shape": datamodule.image_shape} if with_data else {}
-    model = build("model", config.model, **shapes)
-    model.load_state_dict(_submodule_state(state, "model."))
-    posterior_state = _submodule_state(state, "posterior.")
-    posterior = None
-    if posterior_state or config.objective.get("estimator") == "bism":
-        posterior = build("posterior", config.posterior, **shapes, model=model)
-        posterior.load_state_dict(posterior_state)
-    return TrainedRun(config, datamodule, model, posterior, saved)

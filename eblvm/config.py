@@ -15,8 +15,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from eblvm.bilevel.module import EvalConfig
 from eblvm.bilevel.optim import OptimConfig
+from eblvm.evaluation.settings import EvalConfig
 from eblvm.sampling.draw import SamplingConfig
 
 

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from eblvm.checkpoints import WEIGHTS, load_run, resolve_checkpoint
+from eblvm.assemble import WEIGHTS, rebuild
+from eblvm.checkpoints import resolve_checkpoint
 from eblvm.errors import ConfigError
 from eblvm.evaluation.plots import save_image_grid
-from eblvm.sampling.draw import MODES, SamplingConfig, draw_samples
+from eblvm.sampling.draw import MODES, draw_samples
+
+# Sampling needs no Inception weights, whatever the run measured.
+NO_IMAGE_METRICS = ("evaluation.fid_samples=0",)
 
 
 def _schedule_overrides(pairs: list[str]) -> dict[str, float]:
@@ -47,8 +50,8 @@ def sample(
 ) -> Path:
     """Draw ``n_samples`` from the run of ``checkpoint`` and write them into ``out``; returns ``out``."""
     file = resolve_checkpoint(checkpoint)
-    trained = load_run(file, weights)
-    config = SamplingConfig.from_dict(OmegaConf.to_container(trained.config.sampling, resolve=True))
+    trained = rebuild(file, weights, overrides=NO_IMAGE_METRICS)
+    config = trained.parts.sampling
     try:
         config = replace(config, mode=mode or config.mode, langevin=replace(config.langevin, **(schedule or {})))
     except (ConfigError, TypeError) as error:
@@ -60,7 +63,8 @@ def sample(
     posterior = trained.posterior.to(device) if trained.posterior is not None else None
     generator = torch.Generator(device=device).manual_seed(seed)
     train = trained.datamodule.train_data
-    reference = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_samples]]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    reference = train[order[torch.arange(n_samples) % len(train)]]  # via_q: cycles when asked for more rows
     chunk = config.n_images
     batches = []
     for start in tqdm(range(0, n_samples, chunk), desc=f"sampling ({config.resolve_mode(model, posterior)})"):

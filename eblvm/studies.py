@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -17,7 +15,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from eblvm.models.grbm import GRBM
+from eblvm.aggregate import read_summary
+from eblvm.assemble import rebuild
+from eblvm.models.base import EnergyModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,29 +69,15 @@ def collect(method_dir: Path) -> list[dict]:
     """The ``summary.json`` of every finished run under ``method_dir``, each with its ``seed`` and ``run_dir``."""
     runs = []
     for summary_file in sorted(method_dir.glob("*/summary.json")):
-        summary = json.loads(summary_file.read_text())
+        summary = read_summary(summary_file.parent)
         config = yaml.safe_load((summary_file.parent / "config.yaml").read_text())
         runs.append({**summary, "seed": config["seed"], "run_dir": str(summary_file.parent), "config": config})
     return runs
 
 
-def mean_std(values: Sequence[float], signed: bool = True) -> str:
-    """``mean ± sample standard deviation`` (just the value for one run); ``signed`` writes the mean's sign."""
-    sign = "+" if signed else ""
-    if len(values) == 1:
-        return f"{values[0]:{sign}.3f}"
-    return f"{statistics.fmean(values):{sign}.3f} ± {statistics.stdev(values):.3f}"
-
-
-def load_grbm(run_dir: str | Path, checkpoint: str = "best.ckpt") -> GRBM:
-    """The GRBM saved by a run (its config gives the sizes)."""
-    run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    state = torch.load(run_dir / "checkpoints" / checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    weights = {name.removeprefix("model."): value for name, value in state.items() if name.startswith("model.")}
-    model = GRBM(weights["W"].shape[0], weights["W"].shape[1], learn_sigma=config["model"]["learn_sigma"])
-    model.load_state_dict(weights)
-    return model
+def load_model(run_dir: str | Path, checkpoint: str = "best.ckpt") -> EnergyModel:
+    """The model saved in a run's ``checkpoints/<checkpoint>``, rebuilt from the config it carries."""
+    return rebuild(Path(run_dir) / "checkpoints" / checkpoint).model
 
 
 def provenance(command: str, seconds: float) -> str:

@@ -1,9 +1,9 @@
-"""A Hydra callback for multiruns: one table of every job's outcome.
+"""A Hydra callback for multiruns: one table of every job's outcome and test metrics, one of their mean over seeds.
 
-Each job of ``python train.py -m ...`` writes ``<job dir>/outcome.json`` (``train.py``); a job that fails, diverges
-or is preempted does not stop the sweep. ``SweepOutcomes`` gathers these files at the end of the sweep into
-``<sweep dir>/outcomes.json`` and ``<sweep dir>/outcomes.md``; ``python -m eblvm.sweeps <sweep dir>`` writes them for
-a sweep that did not reach its end.
+Each job of ``python train.py -m ...`` writes ``<job dir>/outcome.json`` (``train.py``), and ``summary.json`` when it
+finished; a job that fails, diverges or is preempted does not stop the sweep. ``SweepOutcomes`` gathers these files at
+the end of the sweep into ``<sweep dir>/outcomes.json`` and ``<sweep dir>/outcomes.md``; ``python -m eblvm.sweeps
+<sweep dir>`` writes them for a sweep that did not reach its end.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from eblvm.aggregate import group_by_setting, job_cells, job_metrics, mean_std_cells, present_metrics, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +35,9 @@ STATUS_ORDER = ("ok", "diverged", "failed", "preempted", "missing")
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """How one job of a sweep ended: its directory relative to the sweep directory, its overrides, and the
-    ``status``, ``exit_code``, ``message`` and ``step`` of its ``outcome.json``."""
+    """How one job of a sweep ended: its directory relative to the sweep directory, its overrides, the ``status``,
+    ``exit_code``, ``message`` and ``step`` of its ``outcome.json`` (a finished job's step: its ``summary.json``'s
+    ``steps``), and a finished job's test metrics (``eblvm.aggregate.job_metrics``)."""
 
     job_dir: str
     overrides: list[str]
@@ -41,6 +45,7 @@ class JobOutcome:
     exit_code: int | None
     message: str
     step: int | None
+    metrics: dict[str, float]
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -63,20 +68,26 @@ def find_job_dirs(sweep_dir: Path) -> list[Path]:
 
 def read_job_outcome(job_dir: Path, sweep_dir: Path) -> JobOutcome:
     """The outcome of the job in ``job_dir``; status ``missing`` when it wrote no readable ``outcome.json`` (it was
-    killed before the end, or is still running)."""
+    killed before the end, or is still running). Only a job with status ``ok`` has metrics."""
     overrides_file = job_dir / HYDRA_FOLDER / "overrides.yaml"
     overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
     job = job_dir.relative_to(sweep_dir).as_posix()
     try:
         outcome = json.loads((job_dir / OUTCOME_FILE).read_text())
     except FileNotFoundError:
-        return JobOutcome(
-            job, overrides, "missing", None, f"no {OUTCOME_FILE}: killed before its end, or still running", None
-        )
+        message = f"no {OUTCOME_FILE}: killed before its end, or still running"
+        return JobOutcome(job, overrides, "missing", None, message, None, {})
     except json.JSONDecodeError as error:
-        return JobOutcome(job, overrides, "missing", None, f"unreadable {OUTCOME_FILE}: {error}", None)
+        return JobOutcome(job, overrides, "missing", None, f"unreadable {OUTCOME_FILE}: {error}", None, {})
+    summary = read_summary(job_dir) if outcome["status"] == "ok" else {}
     return JobOutcome(
-        job, overrides, outcome["status"], outcome["exit_code"], outcome.get("message", ""), outcome.get("step")
+        job,
+        overrides,
+        outcome["status"],
+        outcome["exit_code"],
+        outcome.get("message", ""),
+        summary.get("steps", outcome.get("step")),
+        job_metrics(summary),
     )
 
 
@@ -103,37 +114,64 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = [header, ["---"] * len(header), *([_cell(cell) for cell in row] for row in rows)]
+    return "".join("| " + " | ".join(line) + " |\n" for line in lines)
+
+
+def _code(overrides: Sequence[str]) -> str:
+    """Overrides as one code span (empty for none)."""
+    return f"`{' '.join(overrides)}`" if overrides else ""
+
+
 def markdown_table(outcomes: list[JobOutcome]) -> str:
-    """The outcomes as a markdown table, one row per job."""
+    """The outcomes as a markdown table, one row per job, with a column for each test metric some job has."""
+    columns = present_metrics(outcome.metrics for outcome in outcomes)
+    header = ["job", "status", "exit code", "step", *(title for _, title, _ in columns), "overrides", "message"]
     rows = [
-        "| job | status | exit code | step | overrides | message |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for outcome in outcomes:
-        overrides = " ".join(outcome.overrides)
-        cells = [
+        [
             outcome.job_dir,
             outcome.status,
             "" if outcome.exit_code is None else str(outcome.exit_code),
             "" if outcome.step is None else str(outcome.step),
-            f"`{overrides}`" if overrides else "",
+            *job_cells(outcome.metrics, columns),
+            _code(outcome.overrides),
             outcome.message,
         ]
-        rows.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
-    return "\n".join(rows) + "\n"
+        for outcome in outcomes
+    ]
+    return _table(header, rows)
+
+
+def mean_std_table(outcomes: list[JobOutcome]) -> str:
+    """One row per setting of the overrides other than the seed (and paths): how many of its seeds finished, and
+    each test metric's mean ± standard deviation over those."""
+    columns = present_metrics(outcome.metrics for outcome in outcomes)
+    groups = group_by_setting((outcome.overrides, outcome) for outcome in outcomes)
+    rows = []
+    for overrides, jobs in groups.items():
+        finished = [job.metrics for job in jobs if job.status == "ok"]
+        seeds = str(len(jobs)) if len(finished) == len(jobs) else f"{len(finished)} of {len(jobs)} finished"
+        rows.append([_code(overrides) or "(none)", seeds, *mean_std_cells(finished, columns)])
+    return _table(["overrides", "seeds", *(title for _, title, _ in columns)], rows)
 
 
 def write_outcomes(sweep_dir: Path) -> list[JobOutcome]:
     """Write ``outcomes.json`` and ``outcomes.md`` into ``sweep_dir`` and return the outcomes they hold."""
     outcomes = collect_outcomes(sweep_dir)
     (sweep_dir / "outcomes.json").write_text(json.dumps([asdict(outcome) for outcome in outcomes], indent=2) + "\n")
-    (sweep_dir / "outcomes.md").write_text(f"{count_line(outcomes)}\n\n{markdown_table(outcomes)}")
+    (sweep_dir / "outcomes.md").write_text(
+        f"{count_line(outcomes)}\n\n{markdown_table(outcomes)}\n"
+        f"mean ± std over seeds, for each setting of the other overrides:\n\n{mean_std_table(outcomes)}"
+    )
     return outcomes
 
 
 class SweepOutcomes(Callback):
-    """At the end of a multirun, gathers every job's ``outcome.json`` into ``<sweep dir>/outcomes.json`` and
-    ``outcomes.md`` and logs how many jobs ended in each status. Registered in ``conf/hydra/default.yaml``."""
+    """At the end of a multirun, gathers every job's ``outcome.json`` and test metrics into
+    ``<sweep dir>/outcomes.json`` and ``outcomes.md`` and logs how many jobs ended in each status. Registered in
+    ``conf/hydra/default.yaml``."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import integrate
 
-from eblvm.evaluation.likelihood import ais_log_partition, log_likelihood, log_partition
+from eblvm.evaluation.likelihood import log_likelihood, log_partition
 from eblvm.models import GRBM, EnergyModel
 from eblvm.objectives.higher import score_matching
 from eblvm.sampling import gibbs_sample
@@ -54,9 +54,9 @@ def test_exact_log_partition_matches_numerical_integration(float64):
 def test_ais_agrees_with_exact_log_partition_within_its_error(float64):
     model = random_grbm(5, 10, seed=2, scale=1.5)
     exact = float(model.log_partition())
-    estimate = ais_log_partition(model, n_temperatures=1000, n_chains=500, generator=torch.Generator().manual_seed(0))
-    assert estimate.stderr > 0
-    assert abs(estimate.value - exact) < 4 * estimate.stderr + 1e-3
+    value, stderr = model.ais_log_partition(n_temperatures=1000, n_chains=500, generator=torch.Generator().manual_seed(0))
+    assert stderr > 0
+    assert abs(value - exact) < 4 * stderr + 1e-3
     assert log_partition(model, exact_max_h_dim=20).method == "exact"
     assert log_partition(model, exact_max_h_dim=5, ais_temperatures=100, ais_chains=50).method == "ais"
 

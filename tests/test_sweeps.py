@@ -51,16 +51,21 @@ def compose_with_hydra(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def write_job(job_dir: Path, overrides: list[str], outcome: dict | None) -> None:
+def write_job(job_dir: Path, overrides: list[str], outcome: dict | None, summary: dict | None = None) -> None:
     """A job directory as Hydra and train.py leave it; ``outcome`` None: a job killed before its end."""
     (job_dir / ".hydra").mkdir(parents=True)
     (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if outcome is not None:
         (job_dir / "outcome.json").write_text(json.dumps(outcome))
+    if summary is not None:
+        (job_dir / "summary.json").write_text(json.dumps(summary))
+
+
+OK = {"status": "ok", "exit_code": 0, "message": "", "step": None}
 
 
 def test_sweep_outcomes_lists_every_job_in_job_order_and_marks_unfinished_ones_missing(tmp_path, caplog):
-    write_job(tmp_path / "0_seed=1", ["seed=1"], {"status": "ok", "exit_code": 0, "message": "", "step": None})
+    write_job(tmp_path / "0_seed=1", ["seed=1"], OK)
     diverged = {"status": "diverged", "exit_code": 3, "message": "training diverged at step 3: loss is nan", "step": 3}
     write_job(tmp_path / "2_seed=2", ["seed=2"], diverged)
     write_job(tmp_path / "10_seed=3", ["seed=3"], None)
@@ -72,10 +77,10 @@ def test_sweep_outcomes_lists_every_job_in_job_order_and_marks_unfinished_ones_m
 
     missing = "no outcome.json: killed before its end, or still running"
     assert outcomes_of(tmp_path) == [
-        {"job_dir": "0_seed=1", "overrides": ["seed=1"], "status": "ok", "exit_code": 0, "message": "", "step": None},
-        {"job_dir": "2_seed=2", "overrides": ["seed=2"], **diverged},
+        {"job_dir": "0_seed=1", "overrides": ["seed=1"], **OK, "metrics": {}},
+        {"job_dir": "2_seed=2", "overrides": ["seed=2"], **diverged, "metrics": {}},
         {"job_dir": "10_seed=3", "overrides": ["seed=3"], "status": "missing", "exit_code": None, "message": missing,
-         "step": None},
+         "step": None, "metrics": {}},
     ]  # fmt: skip
     assert (tmp_path / "outcomes.md").read_text() == textwrap.dedent(f"""\
         3 jobs: 1 ok, 1 diverged, 1 missing
@@ -85,8 +90,56 @@ def test_sweep_outcomes_lists_every_job_in_job_order_and_marks_unfinished_ones_m
         | 0_seed=1 | ok | 0 |  | `seed=1` |  |
         | 2_seed=2 | diverged | 3 | 3 | `seed=2` | training diverged at step 3: loss is nan |
         | 10_seed=3 | missing |  |  | `seed=3` | {missing} |
+
+        mean ± std over seeds, for each setting of the other overrides:
+
+        | overrides | seeds |
+        | --- | --- |
+        | (none) | 1 of 3 finished |
         """)
     assert f"sweep outcomes: 3 jobs: 1 ok, 1 diverged, 1 missing ({tmp_path / 'outcomes.md'})" in caplog.messages
+
+
+def test_sweep_outcomes_show_each_jobs_test_metrics_and_their_mean_over_seeds(tmp_path):
+    """``-m objective.n_unroll=0,5 seed=1,2``: the last job diverged, so one seed of N=5 is averaged; the summary.json
+    left in its directory by an earlier finished run is not read."""
+    summaries = [
+        {"steps": 30, "ms_per_step": 2.0, "test/log_likelihood": -1.0, "test/log_likelihood_stderr": 0.05,
+         "test/sm_objective": -3.0, "test/objective": 7.0},
+        {"steps": 30, "ms_per_step": 4.0, "test/log_likelihood": -2.0, "test/log_likelihood_stderr": 0.0,
+         "test/sm_objective": -4.0},
+        {"steps": 20, "ms_per_step": 3.0, "test/log_likelihood": -0.5, "test/sm_objective": -5.0},
+        {"steps": 30, "ms_per_step": 1.0, "test/log_likelihood": 9.0, "test/sm_objective": 9.0},
+    ]  # fmt: skip
+    diverged = {"status": "diverged", "exit_code": 3, "message": "training diverged at step 12", "step": 12}
+    for job, (summary, outcome) in enumerate(zip(summaries, [OK, OK, OK, diverged], strict=True)):
+        overrides = [f"objective.n_unroll={5 * (job // 2)}", f"seed={1 + job % 2}"]
+        write_job(tmp_path / str(job), overrides, outcome, summary)
+
+    main([str(tmp_path)])
+
+    assert (tmp_path / "outcomes.md").read_text() == textwrap.dedent("""\
+        4 jobs: 3 ok, 1 diverged
+
+        | job | status | exit code | step | log-likelihood | SM objective | ms / step | overrides | message |
+        | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+        | 0 | ok | 0 | 30 | -1.000 ± 0.050 | -3.000 | 2.00 | `objective.n_unroll=0 seed=1` |  |
+        | 1 | ok | 0 | 30 | -2.000 | -4.000 | 4.00 | `objective.n_unroll=0 seed=2` |  |
+        | 2 | ok | 0 | 20 | -0.500 | -5.000 | 3.00 | `objective.n_unroll=5 seed=1` |  |
+        | 3 | diverged | 3 | 12 |  |  |  | `objective.n_unroll=5 seed=2` | training diverged at step 12 |
+
+        mean ± std over seeds, for each setting of the other overrides:
+
+        | overrides | seeds | log-likelihood | SM objective | ms / step |
+        | --- | --- | --- | --- | --- |
+        | `objective.n_unroll=0` | 2 | -1.500 ± 0.707 | -3.500 ± 0.707 | 3.00 ± 1.41 |
+        | `objective.n_unroll=5` | 1 of 2 finished | -0.500 | -5.000 | 3.00 |
+        """)
+    outcomes = outcomes_of(tmp_path)
+    assert outcomes[0]["metrics"] == {"test/log_likelihood": -1.0, "test/sm_objective": -3.0, "ms_per_step": 2.0,
+                                      "test/log_likelihood_stderr": 0.05}  # fmt: skip
+    assert [outcome["step"] for outcome in outcomes] == [30, 30, 20, 12]
+    assert outcomes[3]["metrics"] == {}
 
 
 def test_outcome_files_can_be_written_after_the_sweep(tmp_path, capsys):
@@ -141,12 +194,15 @@ def test_multirun_goes_on_past_a_diverged_job_and_records_both(tmp_path):
     outcomes = outcomes_of(tmp_path)
     assert [(o["job_dir"], o["status"], o["exit_code"], o["step"]) for o in outcomes] == [
         ("0", "diverged", 3, 3),
-        ("1", "ok", 0, None),
+        ("1", "ok", 0, 30),
     ]
     assert "+objective.nan_steps=[3]" in outcomes[0]["overrides"]
     assert "+objective.nan_steps=[1000]" in outcomes[1]["overrides"]
     assert (tmp_path / "1" / "summary.json").is_file()
-    assert "2 jobs: 1 ok, 1 diverged" in (tmp_path / "outcomes.md").read_text()
+    table = (tmp_path / "outcomes.md").read_text()
+    assert "2 jobs: 1 ok, 1 diverged" in table
+    assert " | 0 of 1 finished |  |  |  |\n" in table  # the diverged job's own setting: nothing averaged
+    assert set(outcomes[1]["metrics"]) >= {"test/log_likelihood", "test/sm_objective", "ms_per_step"}
 
 
 def test_optuna_sweep_config_searches_bism_and_records_failed_trials():

@@ -60,9 +60,43 @@ def _check_images(name: str, images: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _features(extractor: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """``extractor`` over ``images`` in batches of ``batch_size`` on ``device``; ``(N, F)`` float64 on the CPU."""
+def image_features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """``extractor`` over ``images`` (``(N, C, H, W)`` in ``[0, 1]``) in batches of ``batch_size`` on the
+    extractor's device; ``(N, F)`` float64 on the CPU."""
+    device = next(extractor.parameters(), torch.empty(0)).device
     return torch.cat([extractor(batch.to(device)).double().cpu() for batch in images.split(batch_size)])
+
+
+def fid_kid(
+    real_features: torch.Tensor, fake_features: torch.Tensor, kid_subset_size: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """FID and KID from features ``(N, F)`` of real and fake images, through torchmetrics.
+
+    With the means ``μ_r, μ_f`` and unbiased covariances ``Σ_r, Σ_f`` of the two sets' features::
+
+        FID = ‖μ_r − μ_f‖² + tr(Σ_r + Σ_f − 2 (Σ_r Σ_f)^½)
+
+    KID is the unbiased squared MMD with the kernel ``k(a, b) = (aᵀb / F + 1)³`` between random subsets of
+    ``m = min(kid_subset_size, N_real, N_fake)`` real features ``x`` and fake features ``y``, averaged over
+    torchmetrics' 100 subsets (``kid_mean``, with their standard deviation ``kid_std``), drawn with ``seed``::
+
+        MMD² = Σ_{i≠j} [k(x_i, x_j) + k(y_i, y_j)] / (m(m − 1)) − 2 Σ_{i,j} k(x_i, y_j) / m²
+    """
+    n_features = real_features.shape[1]
+    fid = FrechetInceptionDistance(feature=_Precomputed(n_features))
+    with warnings.catch_warnings():  # the features are already in memory: its warning about keeping them is moot
+        warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save all extracted features")
+        kid = KernelInceptionDistance(
+            feature=_Precomputed(n_features),
+            subset_size=min(kid_subset_size, len(real_features), len(fake_features)),
+        )
+    for metric in (fid, kid):
+        metric.update(real_features.cpu().double(), real=True)
+        metric.update(fake_features.cpu().double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
 
 
 def image_quality(
@@ -75,45 +109,20 @@ def image_quality(
     device: str | torch.device | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """FID and KID between ``real`` and ``fake`` images ``(N, C, H, W)`` in ``[0, 1]``, through torchmetrics.
+    """FID and KID (``fid_kid``) between ``real`` and ``fake`` images ``(N, C, H, W)`` in ``[0, 1]``.
 
-    With ``F`` features per image (``InceptionFeatures(inception_weights)``, or ``feature_extractor`` mapping images
-    to ``(N, F)``), and the means ``μ_r, μ_f`` and unbiased covariances ``Σ_r, Σ_f`` of the two sets' features::
-
-        FID = ‖μ_r − μ_f‖² + tr(Σ_r + Σ_f − 2 (Σ_r Σ_f)^½)
-
-    KID is the unbiased squared MMD with the kernel ``k(a, b) = (aᵀb / F + 1)³`` between random subsets of
-    ``m = min(kid_subset_size, N_real, N_fake)`` real features ``x`` and fake features ``y``, averaged over
-    torchmetrics' 100 subsets (``kid_mean``, with their standard deviation ``kid_std``)::
-
-        MMD² = Σ_{i≠j} [k(x_i, x_j) + k(y_i, y_j)] / (m(m − 1)) − 2 Σ_{i,j} k(x_i, y_j) / m²
-
-    Features are computed once per set, in batches of ``batch_size`` on ``device`` (``real``'s by default; the
-    extractor is moved there and put in eval mode), and shared by both metrics in float64; the subsets are drawn
-    with ``seed``. Without Inception weights as a local file ``FileNotFoundError`` comes before any work: nothing
-    is ever downloaded.
+    Features come from ``InceptionFeatures(inception_weights)``, or ``feature_extractor`` mapping images to
+    ``(N, F)``, computed once per set in batches of ``batch_size`` on ``device`` (``real``'s by default; the
+    extractor is moved there and put in eval mode) and shared by both metrics. Without Inception weights as a
+    local file ``FileNotFoundError`` comes before any work: nothing is ever downloaded.
     """
     extractor = InceptionFeatures(inception_weights) if feature_extractor is None else feature_extractor
     _check_images("real", real)
     _check_images("fake", fake)
-    device = real.device if device is None else torch.device(device)
-    extractor = extractor.to(device).eval()
-    real_features = _features(extractor, real, batch_size, device)
-    fake_features = _features(extractor, fake, batch_size, device)
-    n_features = real_features.shape[1]
-    fid = FrechetInceptionDistance(feature=_Precomputed(n_features))
-    with warnings.catch_warnings():  # the features are already in memory: its warning about keeping them is moot
-        warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save all extracted features")
-        kid = KernelInceptionDistance(
-            feature=_Precomputed(n_features), subset_size=min(kid_subset_size, len(real), len(fake))
-        )
-    for metric in (fid, kid):
-        metric.update(real_features, real=True)
-        metric.update(fake_features, real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+    extractor = extractor.to(real.device if device is None else torch.device(device)).eval()
+    return fid_kid(
+        image_features(extractor, real, batch_size), image_features(extractor, fake, batch_size), kid_subset_size, seed
+    )
 
 
 def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:

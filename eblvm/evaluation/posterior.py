@@ -1,4 +1,4 @@
-"""How far BiSM's variational posterior and its gradient are from the exact ones (GRBMs)."""
+"""How far a variational posterior and BiSM's gradient are from the exact ones (models that have them)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,25 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from eblvm.bilevel.unroll import unroll
-from eblvm.models.grbm import GRBM
+from eblvm.models.base import EnergyModel
+from eblvm.objectives.estimators import frozen_energy
 from eblvm.objectives.score_matching import ScoreMatching
-from eblvm.objectives.scores import frozen_energy
 from eblvm.posteriors.base import BoundPosterior, Posterior
 
 
-def bernoulli_kl(q_logits: torch.Tensor, p_logits: torch.Tensor) -> torch.Tensor:
-    """``KL(Bern(σ(l_q)) ‖ Bern(σ(l_p)))`` summed over the last axis:
-    ``Σ σ(l_q)(log σ(l_q) − log σ(l_p)) + σ(−l_q)(log σ(−l_q) − log σ(−l_p))``."""
-    q = torch.sigmoid(q_logits)
-    return (
-        q * (F.logsigmoid(q_logits) - F.logsigmoid(p_logits))
-        + (1 - q) * (F.logsigmoid(-q_logits) - F.logsigmoid(-p_logits))
-    ).sum(-1)
+def has_posterior_gap(model: EnergyModel, posterior: Posterior | None) -> bool:
+    """Whether ``posterior_gap`` exists: the model has an exact posterior over the posterior's kind of latent."""
+    return posterior is not None and model.has_exact_posterior and posterior.latent_type == model.latent_type
 
 
 @torch.no_grad()
-def posterior_gap(model: GRBM, posterior: Posterior, v: torch.Tensor) -> torch.Tensor:
-    """Mean ``KL(q(h|v) ‖ p(h|v))`` over ``v``; a relaxed-Bernoulli q is compared through its logits."""
-    return bernoulli_kl(posterior(v), model.hidden_logits(v)).mean()
+def posterior_gap(model: EnergyModel, posterior: Posterior, v: torch.Tensor) -> torch.Tensor:
+    """Mean ``KL(q(h|v) ‖ p(h|v))`` over ``v`` (``torch.distributions.kl_divergence`` of ``posterior.distribution``
+    and ``model.exact_posterior``); a relaxed-Bernoulli q is compared through its logits."""
+    q = posterior.distribution(posterior(v))
+    return torch.distributions.kl_divergence(q, model.exact_posterior(v)).mean()
 
 
 @dataclass(frozen=True)
@@ -42,7 +38,7 @@ class GradientBias:
     repeats: int
 
 
-def _energy_gradient(model: GRBM, loss: torch.Tensor) -> torch.Tensor:
+def _energy_gradient(model: EnergyModel, loss: torch.Tensor) -> torch.Tensor:
     """The energy's gradient as one vector; a parameter the loss does not reach has gradient zero."""
     params = list(model.parameters())
     grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -67,7 +63,7 @@ def _adapted_posterior(objective, model, posterior, optimizer, v, n_lower_steps,
 
 
 def gradient_bias(
-    model: GRBM,
+    model: EnergyModel,
     posterior: Posterior,
     optimizer: torch.optim.Optimizer | None,
     objective: ScoreMatching,
@@ -90,8 +86,7 @@ def gradient_bias(
     """
     n_lower_steps = objective.n_lower_steps if n_lower_steps is None else n_lower_steps
     n_unroll = objective.n_unroll if n_unroll is None else n_unroll
-    exact = copy.copy(objective)
-    exact.estimator = "exact"
+    exact = objective.with_exact_score()
     differences, exact_gradients = [], []
     for r in range(repeats):
         q = _adapted_posterior(objective, model, posterior, optimizer, v, n_lower_steps, n_unroll, seed + repeats + r)

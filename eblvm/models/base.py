@@ -1,4 +1,4 @@
-"""What every energy model offers the objectives, samplers and metrics."""
+"""What every energy model offers the objectives, samplers and metrics, and what some can do besides."""
 
 from __future__ import annotations
 
@@ -10,17 +10,34 @@ class EnergyModel(nn.Module):
     """An energy ``E(v, h)`` over visible ``v`` and latent ``h``, evaluated by ``forward(v, h)``.
 
     Shapes broadcast: ``v`` is ``(..., B, d)`` and ``h`` is ``(..., B, m)`` (a leading axis holds posterior
-    particles); the result is ``(..., B)``. Models whose latent can be summed out set ``has_free_energy`` and
-    implement ``free_energy``; their exact score then comes for free.
+    particles); the result is ``(..., B)``.
+
+    Capabilities. Objectives, samplers and the evaluation callbacks ask a model what it can do through these
+    flags, never through its class; a model that sets a flag implements the methods named beside it:
+
+    - ``has_free_energy``: ``free_energy(v)``, so the exact score ``−∇_v F`` (``score``) exists;
+    - ``has_exact_log_partition``: ``log_partition()``, the exact ``log Z`` (with ``has_free_energy``: an exact
+      log-likelihood);
+    - ``has_ais``: ``ais_log_partition(n_temperatures, n_chains, generator)``, an AIS estimate of ``log Z``;
+    - ``has_gibbs_sampler``: ``sample_hidden(v)``, ``sample_visible(h)`` and ``visible_mean(h)`` (CD, PCD, Gibbs
+      sampling);
+    - ``has_exact_posterior``: ``exact_posterior(v)``, the true ``p(h|v)`` as a ``torch.distributions`` object,
+      to compare a variational posterior with;
+    - ``image_shape``: ``(C, H, W)`` when ``v`` holds flattened images (sample grids, FID), else None.
     """
 
     latent_type: str = "continuous"  # "binary" or "continuous": the posteriors it can be paired with
     has_free_energy: bool = False
+    has_exact_log_partition: bool = False
+    has_ais: bool = False
+    has_gibbs_sampler: bool = False
+    has_exact_posterior: bool = False
+    image_shape: tuple[int, int, int] | None = None
     v_dim: int
     h_dim: int
 
     def free_energy(self, v: torch.Tensor) -> torch.Tensor:
-        """``F(v) = −log Σ_h exp(−E(v, h))``, shape ``(..., B)``."""
+        """``F(v) = −log ∫ exp(−E(v, h)) dh``, shape ``(..., B)``."""
         raise NotImplementedError(f"{type(self).__name__} has no tractable free energy")
 
     def score(self, v: torch.Tensor) -> torch.Tensor:
@@ -29,3 +46,11 @@ class EnergyModel(nn.Module):
             v = v.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(self.free_energy(v).sum(), v, create_graph=True)
         return -grad
+
+    def log_partition(self) -> torch.Tensor:
+        """The exact ``log Z = log ∫∫ exp(−E(v, h)) dv dh``."""
+        raise NotImplementedError(f"{type(self).__name__} has no exact log-partition")
+
+    def exact_posterior(self, v: torch.Tensor) -> torch.distributions.Distribution:
+        """The model's posterior ``p(h|v)`` for rows ``v`` (batch shape ``(B,)``, event shape ``(m,)``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no exact posterior")

@@ -7,8 +7,7 @@ from torch import nn
 
 from eblvm.errors import require
 from eblvm.models.base import EnergyModel
-from eblvm.models.grbm import GRBM
-from eblvm.objectives.scores import Energy
+from eblvm.objectives.lower import Energy
 from eblvm.posteriors.base import BoundPosterior
 
 
@@ -24,6 +23,8 @@ class Objective(nn.Module):
     needs_posterior: bool = False
     n_lower_steps: int = 0
     n_unroll: int = 0
+    # Buffers that differ between DDP ranks (each rank's persistent chains): checkpoints keep every rank's.
+    per_rank_buffers: tuple[str, ...] = ()
 
     def higher_loss(
         self, model: EnergyModel, q: BoundPosterior | None, v: torch.Tensor, generator: torch.Generator
@@ -38,6 +39,11 @@ class Objective(nn.Module):
     ) -> torch.Tensor:
         """The loss on held-out data; it must not change the objective's state (e.g. persistent chains)."""
         return self.higher_loss(model, q, v, generator)
+
+    def with_exact_score(self) -> Objective | None:
+        """The same objective with the model's exact score in place of an estimated one, where that is defined
+        (the reference of the gradient bias); None otherwise."""
+        return None
 
     def prepare(self, train_data: torch.Tensor) -> None:
         """Called once with the training data before training (e.g. to fit a noise distribution)."""
@@ -55,10 +61,10 @@ def require_free_energy(model: EnergyModel, objective_name: str) -> None:
     )
 
 
-def require_grbm(model: EnergyModel, objective_name: str) -> None:
+def require_gibbs_sampler(model: EnergyModel, objective_name: str) -> None:
     require(
-        isinstance(model, GRBM),
+        model.has_gibbs_sampler,
         "objective",
         objective_name,
-        f"needs a Gibbs sampler (model=grbm), not {type(model).__name__}",
+        f"needs a Gibbs sampler, which {type(model).__name__} lacks (model=grbm has one)",
     )

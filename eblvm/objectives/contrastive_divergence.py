@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from eblvm.errors import require
-from eblvm.models.grbm import GRBM
-from eblvm.objectives.base import Objective, require_grbm
+from eblvm.models.base import EnergyModel
+from eblvm.objectives.base import Objective, require_gibbs_sampler
 
 
 class ContrastiveDivergence(Objective):
@@ -18,6 +18,8 @@ class ContrastiveDivergence(Objective):
     ``h ~ p(h|v)`` of the first batch; it is a buffer, so checkpoints keep it.
     """
 
+    per_rank_buffers = ("chain",)
+
     def __init__(self, k: int = 1, persistent: bool = False):
         super().__init__()
         require(isinstance(k, int) and k >= 1, "k", k, "must be an integer >= 1")
@@ -25,26 +27,26 @@ class ContrastiveDivergence(Objective):
         self.register_buffer("chain", torch.empty(0))
 
     def check_model(self, model, latent_type) -> None:
-        require_grbm(model, "pcd" if self.persistent else "cd")
+        require_gibbs_sampler(model, "pcd" if self.persistent else "cd")
 
     @torch.no_grad()
-    def _negative_samples(self, model: GRBM, hidden: torch.Tensor, generator: torch.Generator):
+    def _negative_samples(self, model: EnergyModel, hidden: torch.Tensor, generator: torch.Generator):
         for _ in range(self.k):
             visible = model.sample_visible(hidden, generator)
             hidden = model.sample_hidden(visible, generator)
         return visible, hidden
 
-    def _loss(self, model: GRBM, v: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    def _loss(self, model: EnergyModel, v: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         return model.free_energy(v).mean() - model.free_energy(negatives).mean()
 
-    def higher_loss(self, model: GRBM, q, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def higher_loss(self, model: EnergyModel, q, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         start = self.chain if self.persistent and self.chain.numel() else model.sample_hidden(v.detach(), generator)
         negatives, end = self._negative_samples(model, start, generator)
         if self.persistent:
             self.chain = end
         return self._loss(model, v, negatives)
 
-    def validation_loss(self, model: GRBM, q, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def validation_loss(self, model: EnergyModel, q, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         negatives, _ = self._negative_samples(model, model.sample_hidden(v, generator), generator)
         return self._loss(model, v, negatives)
 

@@ -94,8 +94,9 @@ class VariationalNCE(NoiseContrastiveEstimation):
 
     def log_density(self, model, q, x: torch.Tensor, n_particles: int, generator: torch.Generator):
         dist = q(x)
-        h = q.rsample(dist, n_particles, generator)
-        return torch.logsumexp(-model(x, h) - q.log_prob(h, dist), dim=0) - math.log(n_particles)
+        sample = q.rsample(dist, n_particles, generator)
+        h = q.latent(sample)
+        return torch.logsumexp(-model(x, h) - q.log_prob(sample, dist, h), dim=0) - math.log(n_particles)
 
     def lower_loss(self, energy, q, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The negative ELBO on clean data."""

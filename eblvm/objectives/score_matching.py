@@ -1,24 +1,38 @@
-"""One objective class for the score-matching family: SM, SSM, DSM, MDSM with an exact or a BiSM score."""
+"""One objective for the score-matching family: a score estimator, a score-matching loss and, when the
+estimator uses a posterior, a lower loss that fits it."""
 
 from __future__ import annotations
 
-import math
+import inspect
+from typing import Any
 
 import torch
 
-from eblvm.errors import require, require_choice
+from eblvm.errors import ConfigError, require, require_choice
 from eblvm.models.base import EnergyModel
-from eblvm.objectives import higher as losses
 from eblvm.objectives.base import Objective
-from eblvm.objectives.lower import importance_weighted_loss, posterior_fisher_loss
-from eblvm.objectives.scores import Energy, ScoreFn, bism_score, exact_score
+from eblvm.objectives.estimators import ESTIMATORS, Energy, ExactScore, ScoreEstimator
+from eblvm.objectives.lower import LOWER_LOSSES, LowerLoss
+from eblvm.objectives.score_losses import SCORE_LOSSES, ScoreLoss
 from eblvm.posteriors.base import BoundPosterior
 
-HIGHER_LOSSES = ("sm", "ssm", "dsm", "mdsm")
-ESTIMATORS = ("exact", "bism")
-LOWER_LOSSES = ("elbo", "iwae", "fisher")
-NOISE_GRIDS = ("linear", "geometric")
-PROBES = ("rademacher", "gaussian")
+# The config key that selects each kind of part, and the registry it selects from.
+PART_REGISTRIES: dict[str, dict[str, type]] = {"estimator": ESTIMATORS, "higher": SCORE_LOSSES, "lower": LOWER_LOSSES}
+
+
+def _part_keys(part: type) -> list[str]:
+    return [name for name in inspect.signature(part.__init__).parameters if name != "self"]
+
+
+def _build_part(kind: str, choice: str | Any, settings: dict[str, Any]):
+    """The part named ``choice`` in ``kind``'s registry, given the ``settings`` its constructor takes (a part
+    object is used as it is)."""
+    if not isinstance(choice, str):
+        return choice
+    registry = PART_REGISTRIES[kind]
+    require_choice(kind, choice, tuple(registry))
+    part = registry[choice]
+    return part(**{key: value for key, value in settings.items() if key in _part_keys(part)})
 
 
 class ScoreMatching(Objective):
@@ -29,129 +43,66 @@ class ScoreMatching(Objective):
       (``elbo``, ``iwae`` with ``iwae_k`` samples, or ``fisher``) in ``n_lower_steps`` real optimizer steps
       (the paper's K) and ``n_unroll`` differentiable ones (the paper's N) per energy step.
 
-    Noise: DSM perturbs with ``sigma``; MDSM draws one level per row from ``linspace(sigma_begin, sigma_end, B)``
-    (``noise_grid=linear``) or its geometric counterpart, with target scale ``sigma0``. The lower loss sees the
-    same kind of input as the higher one (noised data with fresh noise for DSM/MDSM, clean data for SM/SSM) and
-    for MDSM each row's lower loss is divided by its ``σ_i``.
+    ``higher``, ``estimator`` and ``lower`` are names in ``SCORE_LOSSES``, ``ESTIMATORS`` and ``LOWER_LOSSES`` (or
+    part objects); every other keyword is a setting of one of those parts (``sigma`` of ``dsm``, ``n_particles``
+    of ``bism``, ``iwae_k`` of ``iwae``…), and each part takes the ones its constructor names. The lower loss sees
+    the input the higher one perturbs to (fresh noise; clean data for SM/SSM), its rows weighted by the higher
+    loss's ``row_weights`` (``1/σ_i`` for MDSM).
     """
 
     def __init__(
         self,
-        higher: str = "dsm",
-        estimator: str = "exact",
-        sigma: float = 0.05,
-        sigma_begin: float = 0.05,
-        sigma_end: float = 1.2,
-        noise_grid: str = "geometric",
-        sigma0: float = 0.1,
-        probe: str = "rademacher",
-        lower: str = "elbo",
-        iwae_k: int = 5,
+        higher: str | ScoreLoss = "dsm",
+        estimator: str | ScoreEstimator = "exact",
+        lower: str | LowerLoss = "elbo",
         n_lower_steps: int = 5,
         n_unroll: int = 5,
-        n_particles: int = 1,
+        **settings: Any,
     ):
         super().__init__()
-        require_choice("higher", higher, HIGHER_LOSSES)
-        require_choice("estimator", estimator, ESTIMATORS)
-        require_choice("lower", lower, LOWER_LOSSES)
-        require_choice("noise_grid", noise_grid, NOISE_GRIDS)
-        require_choice("probe", probe, PROBES)
-        for key, value in (("sigma", sigma), ("sigma_begin", sigma_begin), ("sigma0", sigma0)):
-            require(value > 0, key, value, "noise levels must be > 0")
-        require(sigma_end > sigma_begin, "sigma_end", sigma_end, f"must be > sigma_begin={sigma_begin}")
-        for key, value, least in (("iwae_k", iwae_k, 1), ("n_particles", n_particles, 1)):
-            require(isinstance(value, int) and value >= least, key, value, f"must be an integer >= {least}")
+        known = {key for registry in PART_REGISTRIES.values() for part in registry.values() for key in _part_keys(part)}
+        for key in settings:
+            if key not in known:
+                raise ConfigError(
+                    key,
+                    settings[key],
+                    "ScoreMatching takes no such key; its keys are higher, estimator, lower, n_lower_steps, "
+                    f"n_unroll, {', '.join(sorted(known))}",
+                )
         for key, value in (("n_lower_steps", n_lower_steps), ("n_unroll", n_unroll)):
             require(isinstance(value, int) and value >= 0, key, value, "must be an integer >= 0")
-        self.higher, self.estimator, self.lower = higher, estimator, lower
-        self.sigma, self.sigma_begin, self.sigma_end, self.noise_grid = (
-            sigma,
-            sigma_begin,
-            sigma_end,
-            noise_grid,
-        )
-        self.sigma0, self.probe, self.iwae_k = sigma0, probe, iwae_k
-        self.n_lower_steps, self.n_unroll, self.n_particles = n_lower_steps, n_unroll, n_particles
+        self.loss: ScoreLoss = _build_part("higher", higher, settings)
+        self.estimator: ScoreEstimator = _build_part("estimator", estimator, settings)
+        self.lower: LowerLoss | None = _build_part("lower", lower, settings) if self.needs_posterior else None
+        self.n_lower_steps, self.n_unroll = n_lower_steps, n_unroll
 
     @property
     def needs_posterior(self) -> bool:
-        return self.estimator == "bism"
+        return self.estimator.needs_posterior
 
-    @property
-    def name(self) -> str:
-        return ("bi" if self.needs_posterior else "") + self.higher
+    def with_estimator(self, estimator: ScoreEstimator) -> ScoreMatching:
+        """The same loss, lower loss and step counts with another score estimator (the exact one, for the
+        gradient bias)."""
+        return ScoreMatching(self.loss, estimator, self.lower or "elbo", self.n_lower_steps, self.n_unroll)
+
+    def with_exact_score(self) -> ScoreMatching:
+        return self.with_estimator(ExactScore())
 
     def check_model(self, model: EnergyModel, latent_type: str | None) -> None:
         """Refuse pairings that cannot work: exact scores need ``F``; ``fisher`` needs continuous latents."""
-        if not self.needs_posterior:
-            require(
-                model.has_free_energy,
-                "objective.estimator",
-                self.estimator,
-                f"the exact score needs a tractable free energy, which {type(model).__name__} lacks: "
-                "use objective=bism",
-            )
-        elif self.lower == "fisher":
-            require(
-                latent_type == "continuous",
-                "objective.lower",
-                self.lower,
-                f"the posterior Fisher loss needs continuous latents, the posterior's are {latent_type}: "
-                "use lower=elbo or lower=iwae",
-            )
-
-    # noise --------------------------------------------------------------------------------------------------
-    def noise_levels(self, v: torch.Tensor) -> torch.Tensor:
-        """Per-row noise level, shape ``(B, 1)``: constant for DSM, the MDSM grid for MDSM."""
-        batch = v.shape[0]
-        if self.higher == "dsm":
-            return torch.full((batch, 1), self.sigma, device=v.device, dtype=v.dtype)
-        if self.noise_grid == "linear":
-            grid = torch.linspace(self.sigma_begin, self.sigma_end, batch, device=v.device, dtype=v.dtype)
-        else:
-            log_grid = torch.linspace(math.log(self.sigma_begin), math.log(self.sigma_end), batch)
-            grid = torch.exp(log_grid).to(device=v.device, dtype=v.dtype)
-        return grid[:, None]
-
-    def _gaussian(self, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype)
-
-    def _probe(self, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.probe == "gaussian":
-            return self._gaussian(v, generator)
-        bits = torch.randint(0, 2, v.shape, generator=generator, device=v.device)
-        return (2 * bits - 1).to(v.dtype)
-
-    # losses -------------------------------------------------------------------------------------------------
-    def score_function(self, model: EnergyModel, q: BoundPosterior | None, generator: torch.Generator) -> ScoreFn:
-        if self.estimator == "exact":
-            return exact_score(model)
-        return bism_score(model, q, generator, self.n_particles)
+        self.estimator.check_model(model)
+        if self.lower is not None:
+            self.lower.check_latent_type(latent_type)
 
     def higher_loss(
         self, model: EnergyModel, q: BoundPosterior | None, v: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
         """The energy's loss for batch ``v`` with posterior weights ``q`` (ignored by the exact estimator)."""
-        score_fn = self.score_function(model, q, generator)
-        if self.higher == "sm":
-            return losses.score_matching(score_fn, v)
-        if self.higher == "ssm":
-            return losses.sliced_score_matching(score_fn, v, self._probe(v, generator))
-        sigma, eps = self.noise_levels(v), self._gaussian(v, generator)
-        if self.higher == "dsm":
-            return losses.denoising_score_matching(score_fn, v, sigma, eps)
-        return losses.multiscale_denoising_score_matching(score_fn, v, sigma, eps, self.sigma0)
+        return self.estimator.higher_loss(model, q, self.loss, v, generator)
 
     def lower_loss(self, energy: Energy, q: BoundPosterior, v: torch.Tensor, generator: torch.Generator):
-        """q's loss on the input the higher level uses (fresh noise for DSM/MDSM; rows ÷ σ_i for MDSM)."""
-        weight = None
-        if self.higher in ("dsm", "mdsm"):
-            sigma = self.noise_levels(v)
-            v = v + sigma * self._gaussian(v, generator)
-            weight = 1 / sigma[:, 0] if self.higher == "mdsm" else None
-        if self.lower == "fisher":
-            per_row = posterior_fisher_loss(energy, q, v, generator)
-        else:
-            per_row = importance_weighted_loss(energy, q, v, self.iwae_k if self.lower == "iwae" else 1, generator)
-        return (per_row if weight is None else per_row * weight).mean()
+        """q's loss on the input the higher level uses (fresh noise for DSM/MDSM; rows weighted for MDSM)."""
+        perturbation = self.loss.perturb(v, generator)
+        per_row = self.lower(energy, q, perturbation.inputs, generator)
+        weights = self.loss.row_weights(perturbation)
+        return (per_row if weights is None else per_row * weights).mean()

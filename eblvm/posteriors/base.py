@@ -15,7 +15,9 @@ class Posterior(nn.Module):
     """``q_φ(h|v)``: ``forward(v)`` returns the distribution's parameters (logits, or mean and log-std).
 
     Sampling and densities are pure functions of those parameters, so a posterior can be evaluated with
-    unrolled copies of its weights (``torch.func.functional_call``) and still sample and score.
+    unrolled copies of its weights (``torch.func.functional_call``) and still sample and score. A draw is kept
+    in the coordinates its density is computed in (a relaxed Bernoulli keeps the pre-sigmoid value, which a low
+    temperature would round away in ``h``); ``latent(sample)`` gives the ``h`` the energy takes.
     """
 
     latent_type: str = "continuous"
@@ -25,12 +27,24 @@ class Posterior(nn.Module):
         """``n_samples`` reparameterised draws, shape ``(n_samples, B, m)``."""
         raise NotImplementedError
 
-    def log_prob(self, h: torch.Tensor, dist: Dist) -> torch.Tensor:
-        """``log q(h|v)`` summed over latent dimensions, broadcast over leading axes of ``h``."""
+    def latent(self, sample: torch.Tensor) -> torch.Tensor:
+        """The latent ``h`` of a draw of ``rsample`` (the draw itself unless a subclass says otherwise)."""
+        return sample
+
+    def log_prob(self, sample: torch.Tensor, dist: Dist, h: torch.Tensor | None = None) -> torch.Tensor:
+        """``log q(h|v)`` at ``h = latent(sample)``, summed over latent dimensions, broadcast over leading axes.
+
+        ``h``: ``latent(sample)`` when the caller computed it already (for the energy), so both share one graph.
+        """
         raise NotImplementedError
 
     def mean(self, dist: Dist) -> torch.Tensor:
         """``E_q[h|v]``, shape ``(B, m)``."""
+        raise NotImplementedError
+
+    def distribution(self, dist: Dist) -> torch.distributions.Distribution:
+        """The distribution over ``h`` (batch ``(B,)``, event ``(m,)``) that the posterior gap compares with the
+        model's exact posterior."""
         raise NotImplementedError
 
 
@@ -53,8 +67,11 @@ class BoundPosterior:
     def rsample(self, dist: Dist, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.module.rsample(dist, n_samples, generator)
 
-    def log_prob(self, h: torch.Tensor, dist: Dist) -> torch.Tensor:
-        return self.module.log_prob(h, dist)
+    def latent(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.module.latent(sample)
+
+    def log_prob(self, sample: torch.Tensor, dist: Dist, h: torch.Tensor | None = None) -> torch.Tensor:
+        return self.module.log_prob(sample, dist, h)
 
     def mean(self, dist: Dist) -> torch.Tensor:
         return self.module.mean(dist)

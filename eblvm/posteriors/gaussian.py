@@ -32,13 +32,18 @@ class GaussianPosterior(Posterior):
         eps = torch.randn((n_samples,) + mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + torch.exp(log_std) * eps
 
-    def log_prob(self, h: torch.Tensor, dist) -> torch.Tensor:
+    def log_prob(self, sample: torch.Tensor, dist, h: torch.Tensor | None = None) -> torch.Tensor:
         mean, log_std = dist
-        z = (h - mean) * torch.exp(-log_std)
+        z = (sample - mean) * torch.exp(-log_std)
         return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def mean(self, dist) -> torch.Tensor:
         return dist[0]
+
+    def distribution(self, dist) -> torch.distributions.Distribution:
+        """``N(μ, diag σ²)`` as a multivariate normal, so it compares with full-covariance exact posteriors."""
+        mean, log_std = dist
+        return torch.distributions.MultivariateNormal(mean, scale_tril=torch.diag_embed(torch.exp(log_std)))
 
 
 class GaussianMLPPosterior(GaussianPosterior):

@@ -10,7 +10,6 @@ import torch
 
 from eblvm.errors import ConfigError, require, require_choice
 from eblvm.models.base import EnergyModel
-from eblvm.models.grbm import GRBM
 from eblvm.posteriors.base import Posterior
 from eblvm.sampling.gibbs import gibbs_sample
 from eblvm.sampling.langevin import SAMPLING_MODES, LangevinSchedule, langevin_sample
@@ -20,8 +19,9 @@ MODES = ("auto", *SAMPLING_MODES)
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """``sampling.*``: GRBMs are sampled by ``gibbs_sweeps`` Gibbs sweeps (``n_samples`` for the figures); deep
-    energies by annealed Langevin (``langevin.*``, METHODS §3), ``n_images`` per grid, in ``mode``:
+    """``sampling.*``: models with a Gibbs sampler (GRBMs) are sampled by ``gibbs_sweeps`` Gibbs sweeps
+    (``n_samples`` for the figures); deep energies by annealed Langevin (``langevin.*``, docs/methods.md §3),
+    ``n_images`` per grid, in ``mode``:
 
     - ``marginal``: v alone under a latent-free energy ``F(v)``;
     - ``joint``: v and h together under ``E(v, h)``;
@@ -79,9 +79,10 @@ def draw_samples(
     mean: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
-    """``n_samples`` rows ``(n, d)``: Gibbs for a GRBM (``E[v|h]`` of the last sweep when ``mean``), annealed
-    Langevin otherwise (``reference`` holds the training rows whose posterior means ``via_q`` fixes)."""
-    if isinstance(model, GRBM):
+    """``n_samples`` rows ``(n, d)``: Gibbs for models with a Gibbs sampler (``E[v|h]`` of the last sweep when
+    ``mean``), annealed Langevin otherwise (``reference`` holds the training rows whose posterior means ``via_q``
+    fixes)."""
+    if model.has_gibbs_sampler:
         return gibbs_sample(model, n_samples, config.gibbs_sweeps, generator, return_mean=mean)
     mode = config.resolve_mode(model, posterior)
     return langevin_sample(

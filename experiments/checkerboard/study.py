@@ -20,10 +20,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
+from eblvm.aggregate import mean_std  # noqa: E402
+from eblvm.assemble import instantiate_node  # noqa: E402
+from eblvm.checkpoints import load_checkpoint  # noqa: E402
 from eblvm.evaluation.plots import plot_density_grid  # noqa: E402
-from eblvm.studies import Method, collect, launch, load_grbm, mean_std, provenance  # noqa: E402
+from eblvm.studies import Method, collect, launch, load_model, provenance  # noqa: E402
 
 METHODS = [
     Method("BiDSM N=0", ("experiment=checkerboard_bidsm", "objective.n_unroll=0")),
@@ -36,6 +39,7 @@ METHODS = [
     Method("CD-5", ("experiment=checkerboard_cd", "objective.k=5")),
     Method("CD-10", ("experiment=checkerboard_cd", "objective.k=10")),
     Method("PCD-1", ("experiment=checkerboard_pcd",)),
+    # NCE and VNCE with the paper's noise N(0, I) (objective.noise=standard_normal, set by their experiment files).
     Method("NCE", ("experiment=checkerboard_nce",)),
     Method("VNCE", ("experiment=checkerboard_vnce",)),
 ]
@@ -85,11 +89,11 @@ def aggregate(setting: str, out: Path, command: str, seconds: float | None) -> P
         times = [run["ms_per_step"] for run in runs]  # ms per step = s per 1000 steps
         reference = REFERENCE_20K.get(method.name)
         rows.append(
-            f"| {method.name} | {len(runs)} | {mean_std(lls)} | {mean_std(sms)} | {mean_std(times, signed=False)} | "
+            f"| {method.name} | {len(runs)} | {mean_std(lls)} | {mean_std(sms)} | {mean_std(times, '.3f')} | "
             f"{'' if reference is None else f'{reference:+.2f}'} |"
         )
         first = min(runs, key=lambda run: run["seed"])
-        model = load_grbm(first["run_dir"], _final_checkpoint(first))
+        model = load_model(first["run_dir"], _final_checkpoint(first))
         densities[f"{method.name} (seed {first['seed']})"] = (model, model.log_partition().item())
         if data is None:
             data = _training_data(first["config"])
@@ -118,7 +122,7 @@ def _tested_final_weights(run: dict) -> bool:
     """Whether a run's test metrics are those of its final weights (the paper's protocol)."""
     if run.get("tested") == "final weights":
         return True
-    best = torch.load(Path(run["run_dir"]) / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    best = load_checkpoint(Path(run["run_dir"]) / "checkpoints" / "best.ckpt")
     return best["global_step"] == run["steps"]
 
 
@@ -129,7 +133,7 @@ def _final_checkpoint(run: dict) -> str:
 
 
 def _training_data(config: dict) -> torch.Tensor:
-    return instantiate(config["data"]["splits"]).train
+    return instantiate_node("data.splits", OmegaConf.create(config["data"]["splits"])).train
 
 
 def main() -> None:

@@ -25,10 +25,9 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
+from eblvm.assemble import rebuild  # noqa: E402
 from eblvm.evaluation.posterior import gradient_bias  # noqa: E402
-from eblvm.run import build  # noqa: E402
 from eblvm.studies import ROOT, Method, collect, launch, provenance  # noqa: E402
 
 COUNTS = (0, 1, 5, 10)
@@ -73,18 +72,11 @@ def grid_methods(jobs: int) -> list[Method]:
 
 def bias_grid(run_dir: Path, repeats: int) -> dict[tuple[int, int], object]:
     """Gradient bias for every (K, N) from one run's final weights and posterior-optimizer state."""
-    config = OmegaConf.load(run_dir / "config.yaml")
-    datamodule = build("data", config.data)
-    model = build("model", config.model, v_dim=datamodule.dim)
-    posterior = build("posterior", config.posterior, v_dim=datamodule.dim, model=model)
-    objective = build("objective", config.objective)
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    state = checkpoint["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    posterior.load_state_dict({k.removeprefix("posterior."): v for k, v in state.items() if k.startswith("posterior.")})
+    trained = rebuild(run_dir / "checkpoints" / "last.ckpt")
+    model, posterior, objective = trained.model, trained.posterior, trained.parts.objective
     optimizer = torch.optim.Adam(posterior.parameters())
-    optimizer.load_state_dict(checkpoint["optimizer_states"][1])
-    v = datamodule.splits.test[: config.evaluation.gradient_bias_batch]
+    optimizer.load_state_dict(trained.checkpoint["optimizer_states"][1])
+    v = trained.datamodule.splits.test[: trained.parts.evaluation.gradient_bias_batch]
     return {
         (k, n): gradient_bias(model, posterior, optimizer, objective, v, repeats, n_lower_steps=k, n_unroll=n)
         for k in COUNTS

@@ -1,0 +1,51 @@
+"""``evaluation.*``: the settings of the evaluation callbacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from eblvm.errors import require
+from eblvm.evaluation.likelihood import LogPartition, log_partition
+from eblvm.models.base import EnergyModel
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``evaluation.*``: how log Z is computed (exact up to ``exact_max_h_dim`` latents for models that also offer
+    AIS, else AIS with ``ais_temperatures`` × ``ais_chains``), and the gradient bias of BiSM
+    (``gradient_bias_repeats`` noise and posterior draws on the first ``gradient_bias_batch`` validation rows;
+    0 repeats turns it off). For images: FID and KID of ``fid_samples`` samples against as many training images
+    (0 turns them off) with the Inception weights file ``inception_weights``, and KID subsets of
+    ``kid_subset_size``."""
+
+    exact_max_h_dim: int = 20
+    ais_temperatures: int = 1000
+    ais_chains: int = 500
+    gradient_bias_repeats: int = 20
+    gradient_bias_batch: int = 100
+    fid_samples: int = 0
+    inception_weights: str | None = None
+    kid_subset_size: int = 1000
+
+    def __post_init__(self):
+        for key in ("ais_temperatures", "ais_chains", "gradient_bias_batch", "kid_subset_size"):
+            require(getattr(self, key) >= 2, key, getattr(self, key), "must be >= 2")
+        for key in ("gradient_bias_repeats", "fid_samples"):
+            require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        if self.fid_samples:
+            require(
+                self.inception_weights is not None and Path(self.inception_weights).is_file(),
+                "inception_weights",
+                self.inception_weights,
+                "FID needs the Inception weights file weights-inception-2015-12-05-6726825d.pth (see the README, "
+                "'Image metrics'), or evaluation.fid_samples=0",
+            )
+
+    def log_partition(self, model: EnergyModel, generator: torch.Generator | None = None) -> LogPartition:
+        return log_partition(model, self.exact_max_h_dim, self.ais_temperatures, self.ais_chains, generator)
+
+    def describe_log_partition(self, log_z: LogPartition) -> str:
+        return log_z.describe(self.ais_temperatures, self.ais_chains)

@@ -1,0 +1,197 @@
+"""Score-matching losses as parts: each owns its noise (perturbation and levels) and its row weights.
+
+A loss is called with a score function and a clean batch, ``loss(score_fn, v, generator)``, draws its own noise
+from ``generator`` and returns the batch mean; with per-particle scores ``(L, B, d)`` the per-particle losses are
+averaged too. ``perturb`` gives the input the score is evaluated at (the lower level fits q on the same kind of
+input) and ``row_weights`` the weights of the lower loss's rows. ``residual`` is the detached vector ``z`` with
+``∂loss/∂s = z`` per row, for estimators that form a surrogate ``zᵀ·ĝ`` instead of differentiating a score.
+
+Adding a loss: a subclass here and its entry in ``SCORE_LOSSES``; ``objective.higher=<name>`` selects it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from eblvm.errors import require, require_choice
+
+NOISE_GRIDS = ("linear", "geometric")
+PROBES = ("rademacher", "gaussian")
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """The input ``inputs = v + σ ε`` a score is evaluated at, with its noise ``ε`` and levels ``σ`` (B, 1);
+    clean-data losses leave ``noise`` and ``sigma`` None."""
+
+    inputs: torch.Tensor
+    noise: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
+
+
+def _with_grad(v: torch.Tensor) -> torch.Tensor:
+    return v if v.requires_grad else v.detach().requires_grad_(True)
+
+
+def _gaussian(v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+
+
+def _input_gradient(total: torch.Tensor, v: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """``∇_v total`` divided by the number of particles in ``score``: the gradient of a particle mean."""
+    (grad,) = torch.autograd.grad(total, v, create_graph=True)
+    return grad / (score.numel() // v.numel())
+
+
+class ScoreLoss:
+    """A score-matching loss; ``noised`` says whether it perturbs the data (the lower level then fits q on
+    perturbed data with fresh noise)."""
+
+    name: str
+    noised: bool = False
+
+    def perturb(self, v: torch.Tensor, generator: torch.Generator) -> Perturbation:
+        """The input the score is evaluated at; clean data for losses that add no noise (draws nothing)."""
+        return Perturbation(v)
+
+    def row_weights(self, perturbation: Perturbation) -> torch.Tensor | None:
+        """Weights of the lower loss's rows (None: all 1)."""
+        return None
+
+    def residual(self, score: torch.Tensor, perturbation: Perturbation) -> torch.Tensor:
+        """``z = ∂(per-row loss)/∂s``, detached."""
+        raise NotImplementedError(f"{self.name} has no residual form: it is not a quadratic in the score")
+
+    def __call__(self, score_fn: ScoreFn, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ExactSM(ScoreLoss):
+    """Hyvärinen's SM with the exact Hessian trace: ``½‖s(v)‖² + Σ_i ∂s_i(v)/∂v_i``.
+
+    One backward pass per dimension: for low dimensions. With the exact score this is the Fisher divergence to
+    the data minus a data constant (the "SM objective" metric; lower is better, it can be negative).
+    """
+
+    name = "sm"
+
+    def __call__(self, score_fn: ScoreFn, v: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return score_matching(score_fn, v)
+
+
+def score_matching(score_fn: ScoreFn, v: torch.Tensor) -> torch.Tensor:
+    """``mean[½‖s(v)‖² + tr ∇_v s(v)]`` with the trace from one backward pass per dimension (see ``ExactSM``)."""
+    v = _with_grad(v)
+    score = score_fn(v)
+    trace = sum(_input_gradient(score[..., i].sum(), v, score)[..., i] for i in range(v.shape[-1]))
+    return 0.5 * (score**2).sum(-1).mean() + trace.mean()
+
+
+class SlicedSM(ScoreLoss):
+    """SSM (Song et al. 2019) on clean data, one projection ``u`` per row: ``½‖s(v)‖² + uᵀ∇_v(uᵀ s(v))``.
+
+    ``probe``: ``rademacher`` (``u ∈ {±1}^d``) or ``gaussian`` (``u ~ N(0, I)``).
+    """
+
+    name = "ssm"
+
+    def __init__(self, probe: str = "rademacher"):
+        require_choice("probe", probe, PROBES)
+        self.probe = probe
+
+    def draw_probe(self, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.probe == "gaussian":
+            return _gaussian(v, generator)
+        bits = torch.randint(0, 2, v.shape, generator=generator, device=v.device)
+        return (2 * bits - 1).to(v.dtype)
+
+    def with_probe(self, score_fn: ScoreFn, v: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+        """The loss for a given projection ``probe`` (shape of ``v``)."""
+        v = _with_grad(v)
+        score = score_fn(v)
+        trace_estimate = (probe * _input_gradient((probe * score).sum(), v, score)).sum(-1)
+        return 0.5 * (score**2).sum(-1).mean() + trace_estimate.mean()
+
+    def __call__(self, score_fn: ScoreFn, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.with_probe(score_fn, v, self.draw_probe(v, generator))
+
+
+class DenoisingSM(ScoreLoss):
+    """DSM (BiDSM with the BiSM estimator): ``½‖s(ṽ) + ε/σ‖²`` with ``ṽ = v + σε``, ``ε ~ N(0, I)``."""
+
+    name = "dsm"
+    noised = True
+
+    def __init__(self, sigma: float = 0.05):
+        require(sigma > 0, "sigma", sigma, "noise levels must be > 0")
+        self.sigma = sigma
+
+    def levels(self, v: torch.Tensor) -> torch.Tensor:
+        """The noise level of every row, shape ``(B, 1)``."""
+        return torch.full((v.shape[0], 1), self.sigma, device=v.device, dtype=v.dtype)
+
+    def perturb(self, v: torch.Tensor, generator: torch.Generator) -> Perturbation:
+        sigma = self.levels(v)
+        eps = _gaussian(v, generator)
+        return Perturbation(v + sigma * eps, eps, sigma)
+
+    def residual(self, score: torch.Tensor, perturbation: Perturbation) -> torch.Tensor:
+        return (score + perturbation.noise / perturbation.sigma).detach()
+
+    def at(self, score_fn: ScoreFn, perturbation: Perturbation) -> torch.Tensor:
+        """The loss at a given perturbation (noise shared with another evaluation)."""
+        score = score_fn(_with_grad(perturbation.inputs))
+        return 0.5 * ((score + perturbation.noise / perturbation.sigma) ** 2).sum(-1).mean()
+
+    def __call__(self, score_fn: ScoreFn, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.at(score_fn, self.perturb(v, generator))
+
+
+class MultiscaleDSM(DenoisingSM):
+    """MDSM (Li, Chen & Sommer 2019): ``½‖s(ṽ_i)/σ_i + ε_i/σ0²‖²`` with ``ṽ_i = v_i + σ_i ε_i``.
+
+    Row ``i`` of a batch of ``B`` has level ``σ_i = linspace(sigma_begin, sigma_end, B)[i]`` (``noise_grid=linear``)
+    or ``exp(linspace(log sigma_begin, log sigma_end, B))[i]`` (``geometric``), endpoints included; the lower
+    loss's rows are weighted by ``1/σ_i``.
+    """
+
+    name = "mdsm"
+
+    def __init__(
+        self, sigma_begin: float = 0.05, sigma_end: float = 1.2, noise_grid: str = "geometric", sigma0: float = 0.1
+    ):
+        require_choice("noise_grid", noise_grid, NOISE_GRIDS)
+        for key, value in (("sigma_begin", sigma_begin), ("sigma0", sigma0)):
+            require(value > 0, key, value, "noise levels must be > 0")
+        require(sigma_end > sigma_begin, "sigma_end", sigma_end, f"must be > sigma_begin={sigma_begin}")
+        self.sigma_begin, self.sigma_end, self.noise_grid, self.sigma0 = sigma_begin, sigma_end, noise_grid, sigma0
+
+    def levels(self, v: torch.Tensor) -> torch.Tensor:
+        batch = v.shape[0]
+        if self.noise_grid == "linear":
+            grid = torch.linspace(self.sigma_begin, self.sigma_end, batch, device=v.device, dtype=v.dtype)
+        else:
+            log_grid = torch.linspace(math.log(self.sigma_begin), math.log(self.sigma_end), batch)
+            grid = torch.exp(log_grid).to(device=v.device, dtype=v.dtype)
+        return grid[:, None]
+
+    def row_weights(self, perturbation: Perturbation) -> torch.Tensor:
+        return 1 / perturbation.sigma[:, 0]
+
+    def residual(self, score: torch.Tensor, perturbation: Perturbation) -> torch.Tensor:
+        sigma = perturbation.sigma
+        return ((score / sigma + perturbation.noise / self.sigma0**2) / sigma).detach()
+
+    def at(self, score_fn: ScoreFn, perturbation: Perturbation) -> torch.Tensor:
+        score = score_fn(_with_grad(perturbation.inputs))
+        sigma, eps = perturbation.sigma, perturbation.noise
+        return 0.5 * ((score / sigma + eps / self.sigma0**2) ** 2).sum(-1).mean()
+
+
+SCORE_LOSSES: dict[str, type[ScoreLoss]] = {"sm": ExactSM, "ssm": SlicedSM, "dsm": DenoisingSM, "mdsm": MultiscaleDSM}
