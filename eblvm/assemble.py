@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,16 @@ from eblvm.models.base import EnergyModel
 from eblvm.objectives.base import Objective
 from eblvm.posteriors.base import Posterior
 from eblvm.sampling.draw import SamplingConfig
+
+# Notices that do not apply here: data are in-memory tensors (no workers needed), and deprecations inside
+# Lightning and torchdata themselves.
+for message in (
+    ".*does not have many workers.*",
+    ".*'set_vital' is deprecated.*",
+    ".*isinstance\\(treespec, LeafSpec\\).*",
+):
+    warnings.filterwarnings("ignore", message=message)
+
 
 # Where eblvm's own buildable components live: a ``_target_`` under ``eblvm.`` must be a class or function
 # defined in one of these packages.
@@ -363,18 +374,22 @@ def saved_config(checkpoint: dict[str, Any], file: Path) -> tuple[DictConfig, di
 
 
 def rebuild(
-    checkpoint: str | Path, weights: str = "saved", with_data: bool = True, overrides: Sequence[str] = ()
+    checkpoint: str | Path,
+    weights: str = "saved",
+    with_data: bool = True,
+    overrides: Sequence[str] = (),
+    saved: dict[str, Any] | None = None,
 ) -> TrainedRun:
     """Rebuild the run that wrote ``checkpoint`` (a file, or a run directory: its ``checkpoints/last.ckpt``) with
     ``overrides`` (``key=value``) applied to its config, and load the checkpoint's weights.
 
     ``weights="saved"`` loads the checkpoint's ``state_dict`` (the EMA weights when the run averaged them);
     ``"raw"`` the raw weights of an EMA run. ``with_data`` builds the datamodule (needed to sample via q and to
-    evaluate); without it the model's sizes come from the checkpoint.
+    evaluate); without it the model's sizes come from the checkpoint. ``saved``: the checkpoint already loaded.
     """
     require_choice("weights", weights, WEIGHTS)
     file = resolve_checkpoint(checkpoint)
-    saved = load_checkpoint(file)
+    saved = load_checkpoint(file) if saved is None else saved
     config, data_shapes = saved_config(saved, file)
     config.merge_with_dotlist(list(overrides))
     if not with_data and data_shapes is None:

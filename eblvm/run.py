@@ -6,7 +6,6 @@ import json
 import logging
 import secrets
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +45,6 @@ RESUMABLE_CHANGES = (
     "sampling.",
     "callbacks.",
 )
-
-# Notices that do not apply here: data are in-memory tensors (no workers needed), and deprecations inside
-# Lightning and torchdata themselves.
-for message in (
-    ".*does not have many workers.*",
-    ".*'set_vital' is deprecated.*",
-    ".*isinstance\\(treespec, LeafSpec\\).*",
-):
-    warnings.filterwarnings("ignore", message=message)
-
 
 def resume_checkpoint(cfg: DictConfig, out: Path) -> Path | None:
     """The checkpoint to continue from: ``ckpt_path`` when given (it must exist), else with ``auto_resume`` the run

@@ -20,21 +20,33 @@ Tensors = dict[str, torch.Tensor]
 SQRT_STABILISER = 1e-16
 
 
+# Options of torch's Adam and SGD whose update rule the unroll does not reproduce.
+UNSUPPORTED_OPTIONS = ("amsgrad", "maximize", "decoupled_weight_decay")
+
+
 def _param_group(optimizer: torch.optim.Optimizer) -> dict:
     if len(optimizer.param_groups) != 1:
         raise ValueError(f"the unroll expects one parameter group, got {len(optimizer.param_groups)}")
-    return optimizer.param_groups[0]
+    group = optimizer.param_groups[0]
+    for option in UNSUPPORTED_OPTIONS:
+        if group.get(option):
+            raise ValueError(f"cannot unroll {type(optimizer).__name__}({option}=True): its update is not reproduced")
+    return group
 
 
-def adam_step(params: Tensors, grads: Tensors, state: dict[str, Tensors], group: dict):
+def adam_step(params: Tensors, grads: dict[str, torch.Tensor | None], state: dict[str, Tensors], group: dict):
     """One Adam step (``torch.optim.Adam`` semantics, coupled weight decay), differentiable in every term.
 
     ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``, ``φ ← φ − lr·(m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ) + δ) + eps)``,
-    with ``δ`` = ``SQRT_STABILISER``; the preconditioner is not detached.
+    with ``δ`` = ``SQRT_STABILISER``; the preconditioner is not detached. A parameter without a gradient (None)
+    keeps its value and its state, as ``torch.optim.Adam`` skips it.
     """
     beta1, beta2 = group["betas"]
     new_params, new_state = {}, {}
     for name, param in params.items():
+        if grads[name] is None:
+            new_params[name], new_state[name] = param, state[name]
+            continue
         grad = grads[name] + group["weight_decay"] * param if group["weight_decay"] else grads[name]
         step = state[name]["step"] + 1
         exp_avg = beta1 * state[name]["exp_avg"] + (1 - beta1) * grad
@@ -58,10 +70,14 @@ def adam_state(optimizer: torch.optim.Adam, named_params: dict[str, torch.nn.Par
     return state
 
 
-def sgd_step(params: Tensors, grads: Tensors, state: dict[str, Tensors], group: dict):
-    """One SGD step (``torch.optim.SGD`` semantics: weight decay, momentum with dampening, Nesterov)."""
+def sgd_step(params: Tensors, grads: dict[str, torch.Tensor | None], state: dict[str, Tensors], group: dict):
+    """One SGD step (``torch.optim.SGD`` semantics: weight decay, momentum with dampening, Nesterov); a parameter
+    without a gradient (None) keeps its value and its momentum, as ``torch.optim.SGD`` skips it."""
     new_params, new_state = {}, {}
     for name, param in params.items():
+        if grads[name] is None:
+            new_params[name], new_state[name] = param, state[name]
+            continue
         grad = grads[name] + group["weight_decay"] * param if group["weight_decay"] else grads[name]
         buffer = state[name].get("momentum_buffer")
         if group["momentum"]:
@@ -94,7 +110,7 @@ def unroll(
     """
     if n_steps == 0:
         return BoundPosterior.detached(posterior)
-    if isinstance(optimizer, torch.optim.Adam) and not optimizer.defaults.get("decoupled_weight_decay", False):
+    if type(optimizer) is torch.optim.Adam:
         step_fn, state_fn = adam_step, adam_state
     elif type(optimizer) is torch.optim.SGD:
         step_fn, state_fn = sgd_step, sgd_state
@@ -107,8 +123,5 @@ def unroll(
     for _ in range(n_steps):
         loss = lower_loss(BoundPosterior(posterior, params))
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
-        grads = {
-            name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads, strict=True)
-        }
-        params, state = step_fn(params, grads, state, group)
+        params, state = step_fn(params, dict(zip(params, grads, strict=True)), state, group)
     return BoundPosterior(posterior, params)

@@ -26,11 +26,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from eblvm.aggregate import METRICS, job_cells  # noqa: E402
 from eblvm.assemble import rebuild  # noqa: E402
 from eblvm.evaluation.posterior import gradient_bias  # noqa: E402
 from eblvm.studies import ROOT, Method, collect, launch, provenance  # noqa: E402
 
 COUNTS = (0, 1, 5, 10)
+LOG_LIKELIHOOD = [metric for metric in METRICS if metric[0] == "test/log_likelihood"]  # with its AIS stderr
 REFERENCE = (5, 5)
 FREY = ROOT / "data" / "frey_rawface.mat"
 SETTINGS = {
@@ -125,7 +127,7 @@ def main() -> None:
     header = "| K \\ N | " + " | ".join(map(str, COUNTS)) + " |\n|---|" + "---|" * len(COUNTS) + "\n"
     ll_rows = "\n".join(
         f"| {k} | "
-        + " | ".join(f"{runs[k, n]['test/log_likelihood']:.2f}" if (k, n) in runs else "" for n in COUNTS)
+        + " | ".join(job_cells(runs[k, n], LOG_LIKELIHOOD)[0] if (k, n) in runs else "" for n in COUNTS)
         + " |"
         for k in COUNTS
     )
