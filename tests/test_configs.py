@@ -9,15 +9,18 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from scipy.io import savemat
 
+from eblvm.assemble import build_dataclass, check_pairing, instantiate_node
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.errors import ConfigError
+from eblvm.evaluation.settings import EvalConfig
 from eblvm.objectives import ScoreMatching
-from eblvm.run import build, build_dataclass, check_pairing, run
+from eblvm.run import run
+from eblvm.sampling.draw import SamplingConfig
 from tests.conftest import FAST_RUN, ROOT, compose_train_config
 from tests.models import GaussianLinear
 
@@ -34,6 +37,13 @@ DEEP_PARTNERS = {
 }
 
 
+# The linear-Gaussian EBLVM has continuous latents: it pairs with a Gaussian posterior, not the default Bernoulli one.
+CONTINUOUS_PARTNERS = {
+    ("model", "gaussian_linear"): ["posterior=gaussian_mlp", "objective.lower=fisher"],
+    ("posterior", "gaussian_linear_exact"): ["model=gaussian_linear"],
+}
+
+
 def overrides_for(group: str, option: str, tmp_path: Path) -> list[str]:
     """``group=option`` plus what it needs to build here: small file sizes, and image data for deep networks."""
     overrides = [f"{group}={option}"]
@@ -41,6 +51,8 @@ def overrides_for(group: str, option: str, tmp_path: Path) -> list[str]:
         overrides += ["data.splits.n_train=20", "data.splits.n_val=10"]
     if (group, option) == ("data", "tensor_file"):
         overrides += [f"data.splits.path={tmp_path / 'points.npy'}"]
+    if (group, option) in CONTINUOUS_PARTNERS:
+        overrides += CONTINUOUS_PARTNERS[group, option]
     if (group, option) in DEEP_PARTNERS:
         overrides += ["data=digits", "callbacks.checkpoint.monitor=val/objective", *DEEP_PARTNERS[group, option]]
     if group == "experiment":
@@ -64,31 +76,34 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
     savemat(tmp_path / "frey_rawface.mat", {"ff": rng.integers(0, 256, (560, 40), dtype=np.uint8)})
     np.save(tmp_path / "points.npy", rng.random((50, 3)).astype(np.float32))
 
-    objective = build("objective", cfg.objective)
+    objective = instantiate_node("objective", cfg.objective)
     build_dataclass("optim", OptimConfig, cfg.optim)
-    datamodule = build("data", cfg.data)
+    datamodule = instantiate_node("data", cfg.data)
     shapes = {"v_dim": datamodule.dim, "image_shape": datamodule.image_shape}
-    model = build("model", cfg.model, **shapes)
-    posterior = build("posterior", cfg.posterior, **shapes, model=model) if objective.needs_posterior else None
+    model = instantiate_node("model", cfg.model, **shapes)
+    posterior = (
+        instantiate_node("posterior", cfg.posterior, **shapes, model=model) if objective.needs_posterior else None
+    )
     if posterior is not None:
         assert posterior.h_dim == model.h_dim
     if not (group == "posterior" and option == "gaussian_mlp"):  # continuous q cannot pair with a GRBM
         check_pairing(model, posterior, objective)
-    for node in list((cfg.logger or {}).values()) + list(cfg.callbacks.values()):
-        instantiate(node)
+    settings = {"evaluation": EvalConfig(), "sampling": SamplingConfig()}
+    for name, node in [*(cfg.logger or {}).items(), *cfg.callbacks.items()]:
+        instantiate_node(name, node, **settings)
     if cfg.trainer.accelerator == "gpu":
         assert cfg.trainer.strategy.find_unused_parameters if "strategy" in cfg.trainer else True
     else:
-        assert isinstance(instantiate(cfg.trainer), pl.Trainer)
+        assert isinstance(instantiate_node("trainer", cfg.trainer), pl.Trainer)
 
 
 BAD_VALUES = [
     ("objective.sigma=0", "objective.sigma=0", "noise levels must be > 0"),
     ("objective.sigma=-0.1", "objective.sigma=-0.1", "noise levels must be > 0"),
-    ("objective.sigma0=0", "objective.sigma0=0", "noise levels must be > 0"),
+    ("objective.higher=mdsm objective.sigma0=0", "objective.sigma0=0", "noise levels must be > 0"),
     ("objective.n_unroll=-1", "objective.n_unroll=-1", "integer >= 0"),
     ("objective.n_lower_steps=-2", "objective.n_lower_steps=-2", "integer >= 0"),
-    ("objective.sigma_begin=2.0", "objective.sigma_end=1.2", "must be > sigma_begin=2.0"),
+    ("objective.higher=mdsm objective.sigma_begin=2.0", "objective.sigma_end=1.2", "must be > sigma_begin=2.0"),
     ("objective.higher=foo", "objective.higher='foo'", "must be one of sm, ssm, dsm, mdsm"),
     ("objective.lower=fisher", "objective.lower='fisher'", "continuous latents"),
     ("posterior.temperature=0", "posterior.temperature=0", "must be > 0"),
@@ -104,7 +119,7 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize(("override", "key_and_value", "allowed"), BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_bad_values_stop_before_training_with_key_value_and_rule(tmp_path, override, key_and_value, allowed):
-    cfg = compose_train_config(tmp_path, FAST_RUN + [override])
+    cfg = compose_train_config(tmp_path, FAST_RUN + override.split())
     with pytest.raises(ConfigError) as error:
         run(cfg)
     message = str(error.value)
@@ -187,3 +202,75 @@ def test_misspelt_keys_in_an_experiment_file_stop_composition(tmp_path):
         compose_train_config(tmp_path, [search_path, "experiment=nested"])
     with pytest.raises(ConfigCompositionException, match="ema_decay"):
         compose_train_config(tmp_path, ["ema_decay=fast"])  # typed: a float or null
+
+
+# What each debug option sets (conf/debug), composed over the default config, or over the experiment it is for.
+DEBUG_OPTIONS = {
+    "fast": ([], {"trainer.max_steps": 30, "trainer.val_check_interval": 15, "trainer.limit_val_batches": 2,
+                  "callbacks.progress.refresh_rate": 0, "data.splits.n_train": 2000, "data.splits.n_val": 500,
+                  "data.splits.n_test": 500, "sampling.n_samples": 200, "sampling.gibbs_sweeps": 20}),
+    "fast_deep": (["experiment=digits_bimdsm"], {
+        "model.channels": 4, "model.h_dim": 3, "posterior.channels": [4, 4, 4], "objective.n_lower_steps": 2,
+        "data.batch_size": 20, "trainer.max_steps": 1, "trainer.val_check_interval": 1, "trainer.limit_val_batches": 1,
+        "callbacks.progress.refresh_rate": 0, "sampling.n_images": 4, "sampling.langevin.hot_steps": 2,
+        "sampling.langevin.anneal_steps": 2, "sampling.langevin.cool_steps": 2}),
+    "overfit": ([], {"trainer.overfit_batches": 1, "trainer.max_steps": 300, "trainer.val_check_interval": 25,
+                     "data.splits.n_train": 2000, "callbacks.progress.refresh_rate": 0}),
+    "profile": ([], {"trainer.profiler": "simple", "trainer.max_steps": 30, "data.splits.n_train": 2000}),
+}  # fmt: skip
+
+
+def test_every_debug_option_is_checked():
+    assert sorted(DEBUG_OPTIONS) == sorted(path.stem for path in (ROOT / "conf" / "debug").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", sorted(DEBUG_OPTIONS))
+def test_debug_option_sets_its_values_and_the_trainer_takes_them(tmp_path, option):
+    before, expected = DEBUG_OPTIONS[option]
+    cfg = compose_train_config(tmp_path, [*before, f"debug={option}"])
+    assert {key: OmegaConf.select(cfg, key) for key in expected} == expected
+    assert list(cfg.logger) == ["csv"], "debug runs log to <run>/metrics.csv only"
+    trainer = instantiate_node("trainer", cfg.trainer)
+    assert trainer.max_steps == expected["trainer.max_steps"]
+    if option == "overfit":
+        assert trainer.overfit_batches == 1
+    if option == "profile":
+        assert type(trainer.profiler).__name__ == "SimpleProfiler"
+
+
+def test_options_after_a_debug_option_win(tmp_path):
+    cfg = compose_train_config(tmp_path, ["debug=fast", "trainer.max_steps=600", "logger=wandb"])
+    assert cfg.trainer.max_steps == 600 and "wandb" in cfg.logger and cfg.trainer.val_check_interval == 15
+
+
+# The objective each checkerboard experiment selects and the keys it sets; the rest comes from
+# conf/experiment/base/checkerboard.yaml. NCE and VNCE use the paper's noise, N(0, I).
+CHECKERBOARD_OBJECTIVES = {
+    "checkerboard_bidsm": ("bism", {"higher": "dsm", "sigma": 0.05, "lower": "elbo", "n_lower_steps": 5,
+                                    "n_unroll": 5}),
+    "checkerboard_bissm": ("bism", {"higher": "ssm", "sigma": 0.05, "lower": "elbo", "n_lower_steps": 5,
+                                    "n_unroll": 5}),
+    "checkerboard_cd": ("cd", {"k": 5}),
+    "checkerboard_dsm": ("dsm", {"sigma": 0.05}),
+    "checkerboard_nce": ("nce", {"noise": "standard_normal"}),
+    "checkerboard_pcd": ("pcd", {"k": 1}),
+    "checkerboard_ssm": ("ssm", {}),
+    "checkerboard_vnce": ("vnce", {"noise": "standard_normal"}),
+}  # fmt: skip
+
+
+def test_every_checkerboard_experiment_is_checked():
+    files = sorted(path.stem for path in (ROOT / "conf" / "experiment").glob("checkerboard_*.yaml"))
+    assert files == sorted(CHECKERBOARD_OBJECTIVES)
+
+
+@pytest.mark.parametrize("experiment", sorted(CHECKERBOARD_OBJECTIVES))
+def test_checkerboard_experiment_composes_with_its_objective_over_the_shared_base(tmp_path, experiment):
+    objective, keys = CHECKERBOARD_OBJECTIVES[experiment]
+    cfg = compose_train_config(tmp_path, [f"experiment={experiment}"])
+    choices = HydraConfig.get().runtime.choices
+    assert (choices.objective, choices.data, choices.model, choices.posterior, choices.optim) == (
+        objective, "checkerboard", "grbm", "bernoulli", "adam")  # fmt: skip
+    assert cfg.objective._target_ == OmegaConf.load(ROOT / "conf" / "objective" / f"{objective}.yaml")._target_
+    assert {key: cfg.objective[key] for key in keys} == keys
+    assert (cfg.seed, cfg.model.h_dim, cfg.trainer.max_steps, cfg.trainer.val_check_interval) == (1234, 4, 100000, 5000)

@@ -177,8 +177,10 @@ class MultiscaleDSM(DenoisingSM):
         if self.noise_grid == "linear":
             grid = torch.linspace(self.sigma_begin, self.sigma_end, batch, device=v.device, dtype=v.dtype)
         else:
-            log_grid = torch.linspace(math.log(self.sigma_begin), math.log(self.sigma_end), batch)
-            grid = torch.exp(log_grid).to(device=v.device, dtype=v.dtype)
+            log_grid = torch.linspace(
+                math.log(self.sigma_begin), math.log(self.sigma_end), batch, device=v.device, dtype=v.dtype
+            )
+            grid = torch.exp(log_grid)
         return grid[:, None]
 
     def row_weights(self, perturbation: Perturbation) -> torch.Tensor:

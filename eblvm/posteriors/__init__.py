@@ -3,11 +3,13 @@
 from eblvm.posteriors.base import BoundPosterior, Posterior
 from eblvm.posteriors.bernoulli import BernoulliFamily, ExactGRBMPosterior, RelaxedBernoulliPosterior
 from eblvm.posteriors.gaussian import GaussianConvPosterior, GaussianMLPPosterior, GaussianPosterior
+from eblvm.posteriors.gaussian_linear import ExactGaussianLinearPosterior
 
 __all__ = [
     "BernoulliFamily",
     "BoundPosterior",
     "ExactGRBMPosterior",
+    "ExactGaussianLinearPosterior",
     "GaussianConvPosterior",
     "GaussianMLPPosterior",
     "GaussianPosterior",
