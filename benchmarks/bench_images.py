@@ -4,7 +4,7 @@
     python benchmarks/bench_images.py --device cuda        # on a GPU, with peak GPU memory
     python benchmarks/bench_images.py --nets mnist --steps 3
 
-Networks (METHODS §2.2, §7): MNIST, ResNet6 C=64 on 1x32x32; CIFAR-10, ResNet9 C=128 on 3x32x32; h_dim 50,
+Networks (docs/methods.md §2.2, §7): MNIST, ResNet6 C=64 on 1x32x32; CIFAR-10, ResNet9 C=128 on 3x32x32; h_dim 50,
 Gaussian conv posterior. One iteration = K=5 posterior-Fisher lower steps + the BiMDSM energy step (N=0), batch
 100 of random images, through Lightning as in training. A Langevin step is one gradient of E(v, h) in v at the
 batch size plus the update (via-q mode, h fixed). Each network runs in its own process.

@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
-        record = evaluate(
-            args.checkpoint, tuple(args.set), args.paper, args.weights, args.split, args.device, args.out
-        )
+        record = evaluate(args.checkpoint, tuple(args.set), args.paper, args.weights, args.split, args.device, args.out)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     print(f"{record['checkpoint']} (step {record['step']}, {record['weights']} weights), {record['split']} split:")

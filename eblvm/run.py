@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id"
 RESUME_CHANGES_FILE = "resume_changes.yaml"
+RESUME_KEYS = ("ckpt_path", "auto_resume")
 # Config keys that may differ when a run is resumed, because they cannot change the trained trajectory (paths and
 # logging, the length of the run, and evaluation, which draws from generators of its own); a key matches an entry
 # equal to it or an entry ending in "." that it starts with.
@@ -32,6 +33,7 @@ RESUMABLE_CHANGES = (
     "trainer.limit_val_batches",
     "trainer.limit_test_batches",
     "trainer.log_every_n_steps",
+    "trainer.default_root_dir",
     "ckpt_path",
     "auto_resume",
     "test_checkpoint",
@@ -45,6 +47,7 @@ RESUMABLE_CHANGES = (
     "sampling.",
     "callbacks.",
 )
+
 
 def resume_checkpoint(cfg: DictConfig, out: Path) -> Path | None:
     """The checkpoint to continue from: ``ckpt_path`` when given (it must exist), else with ``auto_resume`` the run
@@ -83,8 +86,11 @@ def check_resume(cfg: DictConfig, resume_from: Path, out: Path) -> None:
     """Refuse to continue ``resume_from`` under a config that would change the trained trajectory, naming the keys
     that differ; record the changes that may differ in ``<run>/resume_changes.yaml``."""
     saved, _ = saved_config(load_checkpoint(resume_from, key="ckpt_path"), resume_from)
-    changes = config_changes(saved, cfg)
+    # how to resume is not a change of the run (``resumed_from`` records the file)
+    changes = {key: change for key, change in config_changes(saved, cfg).items() if key not in RESUME_KEYS}
     blocking = [key for key in changes if not _resumable(key)]
+    if "trainer.max_steps" in changes and cfg.optim.scheduler == "cosine":
+        blocking.append("trainer.max_steps")  # the cosine schedule anneals over max_steps: its length is the run's
     if blocking:
         shown = "; ".join(f"{key}: {changes[key]['saved']!r} → {changes[key]['now']!r}" for key in blocking[:8])
         raise ConfigError(
@@ -94,6 +100,7 @@ def check_resume(cfg: DictConfig, resume_from: Path, out: Path) -> None:
             "saved settings, or start a new run",
         )
     if changes:
+        out.mkdir(parents=True, exist_ok=True)
         history_file = out / RESUME_CHANGES_FILE
         history = (yaml.safe_load(history_file.read_text()) or []) if history_file.is_file() else []
         history.append({"resumed_from": str(resume_from), "changes": changes})

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from eblvm.checkpoints import gather_rank_states, own_rank_state
 from eblvm.data.splits import Splits
@@ -33,6 +34,24 @@ def _channels_height_width(image_shape: Sequence[int], dim: int) -> tuple[int, i
         f"must be (height, width) or (channels, height, width) with a product equal to the data dimension {dim}",
     )
     return (1, *shape) if len(shape) == 2 else shape
+
+
+def _lightning_seed() -> int:
+    """The run's seed as Lightning recorded it (``PL_GLOBAL_SEED``), else torch's initial seed."""
+    return int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+
+
+class ResumableDistributedSampler(StatefulDistributedSampler):
+    """torchdata's ``StatefulDistributedSampler`` (which keeps the position within an epoch) with the epoch in its
+    state too: a resumed DDP run restores its loader before Lightning sets the epoch, and without it the rest of the
+    interrupted epoch would be drawn from epoch 0's permutation."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.set_epoch(state_dict["epoch"])
 
 
 def flip_horizontally(batch: torch.Tensor, image_shape: tuple[int, int, int], flip: torch.Tensor) -> torch.Tensor:
@@ -103,11 +122,12 @@ class EBLVMDataModule(pl.LightningDataModule):
             return torch.cat([labels, self.splits.val_labels])
         return labels
 
-    def _loader(self, data: torch.Tensor, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, data: torch.Tensor, batch_size: int, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
         return StatefulDataLoader(
             TensorDataset(data),
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             drop_last=drop_last,
             collate_fn=_stack_rows,
             num_workers=self.num_workers,
@@ -115,8 +135,20 @@ class EBLVMDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; under DDP each rank takes its share of one permutation per epoch through a
+        sampler whose state (epoch and position) checkpoints keep, so a resumed DDP run sees the same batches."""
         drop_last = len(self.train_data) >= self.batch_size
-        return self._loader(self.train_data, self.batch_size, shuffle=True, drop_last=drop_last)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        sampler = None
+        if world_size > 1:
+            sampler = ResumableDistributedSampler(
+                TensorDataset(self.train_data),
+                num_replicas=world_size,
+                rank=self.trainer.global_rank,
+                seed=_lightning_seed(),
+                drop_last=True,
+            )
+        return self._loader(self.train_data, self.batch_size, shuffle=True, drop_last=drop_last, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.splits.val, self.eval_batch_size, shuffle=False, drop_last=False)
@@ -145,7 +177,7 @@ class EBLVMDataModule(pl.LightningDataModule):
     def _generator(self) -> torch.Generator:
         """This process's flip generator, created on first use from the Lightning seed and the global rank."""
         if self._flip_generator is None:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            seed = _lightning_seed()
             rank = self.trainer.global_rank if self.trainer is not None else 0
             # Hashing (seed, rank) keeps this stream apart from generators seeded with seed + rank directly.
             state = np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0]

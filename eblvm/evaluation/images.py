@@ -137,7 +137,7 @@ def linear_probe(
     max_iter: int = 1000,
 ) -> float:
     """Test accuracy of a logistic regression on standardised features, fitted on the training features
-    (METHODS §8: train(+val) posterior means, tested on the test split)."""
+    (docs/methods.md §8: train(+val) posterior means, tested on the test split)."""
     x_train, y_train = _as_numpy(train_features), _as_numpy(train_labels)
     x_test, y_test = _as_numpy(test_features), _as_numpy(test_labels)
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):

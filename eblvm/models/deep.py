@@ -1,4 +1,4 @@
-"""Deep energies on images (METHODS §2.2): the additive-coupling EBLVM and the latent-free EBM baseline.
+"""Deep energies on images (docs/methods.md §2.2): the additive-coupling EBLVM and the latent-free EBM baseline.
 
 Both read flat rows ``v`` of shape ``(..., B, C·H·W)`` (the data pipeline's format) and reshape them to images
 for a pre-activation ELU ResNet ``R``. Leading axes (posterior particles) are folded into the batch.

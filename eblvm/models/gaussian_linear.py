@@ -1,4 +1,4 @@
-"""Linear-Gaussian EBLVM (factor analysis): an exact testbed with continuous latents (docs/METHODS.md §2.4)."""
+"""Linear-Gaussian EBLVM (factor analysis): an exact testbed with continuous latents (docs/methods.md §2.4)."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ class ConvEncoder(nn.Module):
 
 
 class GaussianConvPosterior(GaussianPosterior):
-    """Gaussian q for images (METHODS §1.5): a three-conv encoder with mean and unconstrained log-std heads."""
+    """Gaussian q for images (docs/methods.md §1.5): a three-conv encoder with mean and unconstrained log-std heads."""
 
     def __init__(self, image_shape: Sequence[int] | None, h_dim: int, channels: Sequence[int] = (64, 128, 256)):
         require(

@@ -1,4 +1,4 @@
-"""Annealed Langevin dynamics for deep energies (METHODS §3).
+"""Annealed Langevin dynamics for deep energies (docs/methods.md §3).
 
 One step at temperature ``T`` moves every tensor ``x`` of the state by
 

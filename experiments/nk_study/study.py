@@ -4,7 +4,7 @@
     python experiments/nk_study/study.py --setting short   # 5k steps per run: about 30 minutes on 2 CPU cores
     python experiments/nk_study/study.py                   # 20k steps per run
 
-Data: Frey Face (GRBM 560->400, BiDSM sigma 0.3, Adam lr 2e-4, METHODS §7) when data/frey_rawface.mat exists,
+Data: Frey Face (GRBM 560->400, BiDSM sigma 0.3, Adam lr 2e-4, docs/methods.md §7) when data/frey_rawface.mat exists,
 otherwise scikit-learn's digits (GRBM 64->64, same objective). Every (K, N) in {0,1,5,10}^2 is trained with
 Hydra multirun; the table holds each run's test log-likelihood (AIS). The figure is the paper's Figure 1: at the
 final checkpoint of the K=5, N=5 run, BiSM's energy-gradient bias against the exact-score DSM gradient for every
