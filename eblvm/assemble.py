@@ -11,7 +11,9 @@ config (or one stored in a checkpoint) could point at.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -28,7 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from eblvm.bilevel.module import BilevelModule
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.callbacks.base import EvaluationCallback
-from eblvm.checkpoints import RECORD_KEY, load_checkpoint, resolve_checkpoint
+from eblvm.checkpoints import FORMAT_VERSION, RECORD_KEY, load_checkpoint, resolve_checkpoint
 from eblvm.errors import ConfigError, require, require_choice
 from eblvm.evaluation.settings import EvalConfig
 from eblvm.models.base import EnergyModel
@@ -77,6 +79,7 @@ ALLOWED_TARGETS = frozenset(
 # environment variable, e.g. EBLVM_TRUSTED_TARGETS=mylab.models,mylab.objectives: a config cannot change it.
 TRUSTED_TARGETS_VARIABLE = "EBLVM_TRUSTED_TARGETS"
 WEIGHTS = ("saved", "raw")
+DEFAULT_CALLBACKS = Path(__file__).resolve().parents[1] / "conf" / "callbacks" / "default.yaml"
 
 
 def _trusted_packages() -> tuple[str, ...]:
@@ -122,6 +125,11 @@ def check_targets(node: Any, path: str = "") -> None:
             check_targets(value, f"{path}[{index}]")
 
 
+def resolved(node: DictConfig) -> DictConfig:
+    """``node`` with every interpolation and resolver evaluated, so nothing is left for Hydra to build later."""
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+
+
 def check_unknown_keys(group: str, node: DictConfig, parameters) -> None:
     """Every key of a ``_target_`` node must be one of its target's ``parameters``, so a misspelt key names itself."""
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
@@ -143,6 +151,7 @@ def instantiate_node(group: str, node: DictConfig, **runtime: Any) -> Any:
     A ``ConfigError`` raised by a constructor is re-raised with the group's prefix (``sigma`` → ``objective.sigma``)
     and Hydra's wrapper is removed from a missing-file error, so the user sees the message that names the fix.
     """
+    node = resolved(node)  # an interpolation could build a target of its own: check what Hydra would build
     check_targets(node, group)
     accepted = inspect.signature(get_object(node._target_)).parameters
     check_unknown_keys(group, node, accepted)
@@ -163,6 +172,9 @@ def instantiate_node(group: str, node: DictConfig, **runtime: Any) -> Any:
 def build_dataclass(group: str, cls: type, node: DictConfig) -> Any:
     """``cls(**node)`` (or ``cls.from_dict(node)`` for nested ones) with errors named under ``group``."""
     values = OmegaConf.to_container(node, resolve=True)
+    known = {field.name for field in dataclasses.fields(cls)}
+    for key in values:
+        require(key in known, f"{group}.{key}", values[key], f"no such key; the keys are {', '.join(sorted(known))}")
     try:
         return (getattr(cls, "from_dict", None) or (lambda fields: cls(**fields)))(values)
     except ConfigError as error:
@@ -279,7 +291,7 @@ def assemble(
     without data (``with_data=False``) the model's sizes come from ``data_shapes`` and no evaluation callback is
     built.
     """
-    check_targets(cfg)
+    check_targets(resolved(cfg))
     objective = instantiate_node("objective", cfg.objective)
     optim = build_dataclass("optim", OptimConfig, cfg.optim)
     evaluation = build_dataclass("evaluation", EvalConfig, cfg.evaluation)
@@ -361,6 +373,18 @@ def saved_config(checkpoint: dict[str, Any], file: Path) -> tuple[DictConfig, di
     written before checkpoints carried them (format 0), from its run directory's ``config.yaml``."""
     record = checkpoint.get(RECORD_KEY)
     if record is not None:
+        version = record.get("format_version")
+        if version != FORMAT_VERSION or not {"config", "data_shapes"} <= record.keys():
+            raise ConfigError(
+                "checkpoint",
+                str(file),
+                f"has an eblvm record of format {version!r} (this eblvm reads format {FORMAT_VERSION}, with a config "
+                "and data shapes): it was written by another version of eblvm",
+            )
+        if "${" in json.dumps(record["config"]):
+            raise ConfigError(
+                "checkpoint", str(file), "holds a config with interpolations: eblvm stores resolved configs only"
+            )
         return OmegaConf.create(record["config"]), record["data_shapes"]
     config_file = file.parent.parent / "config.yaml"
     if not config_file.is_file():
@@ -370,7 +394,13 @@ def saved_config(checkpoint: dict[str, Any], file: Path) -> tuple[DictConfig, di
             f"holds no config (it was written before checkpoints carried one) and {config_file} is missing: "
             "such a checkpoint must sit in <run>/checkpoints/ of its run",
         )
-    return OmegaConf.load(config_file), None
+    config = OmegaConf.load(config_file)
+    # its config predates the evaluation callbacks: evaluate it with today's defaults
+    default_callbacks = OmegaConf.load(DEFAULT_CALLBACKS)
+    for name, node in default_callbacks.items():
+        if name not in config.callbacks and issubclass(get_object(node._target_), EvaluationCallback):
+            config.callbacks[name] = node
+    return config, None
 
 
 def rebuild(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,12 @@ def own_rank_state(trainer, states: torch.Tensor | None) -> torch.Tensor | None:
     """This rank's row of ``states`` as ``gather_rank_states`` stacked them; None when there are none or they were
     saved by a different number of ranks (the generator then starts from its seed)."""
     rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    if states is not None and len(states) != world_size:
+        warnings.warn(
+            f"the checkpoint holds the states of {len(states)} ranks and this run has {world_size}: each rank's "
+            "noise and chains start afresh, so the resumed run is not the one it continues",
+            stacklevel=2,
+        )
     # a copy of its own: a row of the stacked tensor starts inside another's storage, which Generator.set_state
     # does not take (rank 1 of a resumed DDP run crashed in it)
     return states[rank].clone() if states is not None and len(states) == world_size else None

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from eblvm.assemble import TRUSTED_TARGETS_VARIABLE, assemble, rebuild
+from eblvm.assemble import TRUSTED_TARGETS_VARIABLE, assemble, instantiate_node, rebuild
 from eblvm.checkpoints import load_checkpoint, verify_checkpoint
 from eblvm.errors import ConfigError
 from eblvm.run import run
@@ -197,6 +198,40 @@ def test_a_checkpoint_whose_stored_config_names_a_forbidden_target_is_refused(fi
     with pytest.raises(ConfigError) as refused:
         rebuild(tampered)
     assert (refused.value.key, refused.value.value) == ("objective._target_", "torch.load")
+
+
+def test_a_target_built_by_an_interpolation_is_refused(tmp_path):
+    """``${oc.create:...}`` makes a node at resolution time, after a check of the unresolved tree: the check must
+    see what Hydra would build."""
+    marker = tmp_path / "loaded"
+    created = f'${{oc.create:"{{_target_: pathlib.Path.touch, _args_: [{marker}]}}"}}'
+    node = OmegaConf.create({"_target_": "eblvm.models.GRBM", "v_dim": 2, "h_dim": created})
+    with pytest.raises(ConfigError) as refused:
+        instantiate_node("model", node)
+    assert refused.value.key == "model.h_dim._target_" and refused.value.value == "pathlib.Path.touch"
+    assert not marker.exists()
+
+
+def test_a_checkpoint_whose_stored_config_holds_an_interpolation_is_refused(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["eblvm"]["config"]["model"]["h_dim"] = '${oc.create:"{_target_: torch.load, _args_: [x]}"}'
+    tampered = run_dir / "checkpoints" / "tampered.ckpt"
+    torch.save(checkpoint, tampered)
+    with pytest.raises(ConfigError, match="interpolations"):
+        rebuild(tampered)
+
+
+def test_a_checkpoint_of_an_unknown_format_is_refused(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["eblvm"]["format_version"] = 99
+    tampered = run_dir / "checkpoints" / "tampered.ckpt"
+    torch.save(checkpoint, tampered)
+    with pytest.raises(ConfigError, match="format 99"):
+        rebuild(tampered)
 
 
 NAN_OBJECTIVE = ["objective._target_=tests.nan_objective.NaNAtSteps", "+objective.nan_steps=[3]"]

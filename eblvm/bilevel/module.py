@@ -101,9 +101,13 @@ class BilevelModule(pl.LightningModule):
         """A fresh generator on the module's device for evaluation stream ``stream``, seeded from
         ``(seed, rank, stream)`` (``per_rank=False``: the same on every rank): the same noise at every evaluation,
         apart from training and from other streams."""
+        return torch.Generator(device=self.device).manual_seed(self.evaluation_seed(stream, per_rank))
+
+    def evaluation_seed(self, stream: int, per_rank: bool = True) -> int:
+        """The seed of ``evaluation_generator(stream, per_rank)``, for evaluations that seed generators of their
+        own from it."""
         rank = self.global_rank if per_rank else 0
-        state = np.random.SeedSequence([self.seed, rank, 1 + stream]).generate_state(1, np.uint64)[0]
-        return torch.Generator(device=self.device).manual_seed(int(state))
+        return int(np.random.SeedSequence([self.seed, rank, 1 + stream]).generate_state(1, np.uint64)[0] >> 1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Called on every rank; rank 0 writes the file, so the per-rank states are gathered first."""
@@ -122,6 +126,8 @@ class BilevelModule(pl.LightningModule):
             rank_buffer = own_rank_state(self._trainer, stacked)
             if rank_buffer is not None:  # loaded into the module with the rest of the state_dict
                 checkpoint["state_dict"][name] = rank_buffer
+                if name in checkpoint.get("current_model_state", {}):  # what EMA puts back as the live state
+                    checkpoint["current_model_state"][name] = rank_buffer
         if "eblvm_global_rng_states" in checkpoint:
             set_random_states(checkpoint["eblvm_global_rng_states"])
         self.skipped_steps, self._consecutive_skips = checkpoint.get("eblvm_skipped_steps", (0, 0))

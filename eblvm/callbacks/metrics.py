@@ -15,7 +15,7 @@ from eblvm.evaluation.settings import EvalConfig
 from eblvm.objectives.score_losses import score_matching
 
 # Evaluation generator streams (``BilevelModule.evaluation_generator``); 0 is the validation loss's.
-LOG_PARTITION_STREAM = 1
+LOG_PARTITION_STREAM, GRADIENT_BIAS_STREAM = 1, 5
 
 
 class _PerBatchMetric(EvaluationCallback):
@@ -142,7 +142,7 @@ class GradientBias(EvaluationCallback):
                 pl_module.objective,
                 batch[: self.evaluation.gradient_bias_batch],
                 repeats=self.evaluation.gradient_bias_repeats,
-                seed=pl_module.seed + pl_module.global_rank,
+                seed=pl_module.evaluation_seed(GRADIENT_BIAS_STREAM),
             )
         values = {"gradient_bias": result.bias, "gradient_bias_relative": result.relative_bias}
         values["gradient_bias_stderr"] = result.stderr

@@ -99,5 +99,5 @@ class VariationalNCE(NoiseContrastiveEstimation):
         return torch.logsumexp(-model(x, h) - q.log_prob(sample, dist, h), dim=0) - math.log(n_particles)
 
     def lower_loss(self, energy, q, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The negative ELBO on clean data."""
+        """The negative ELBO on clean data: ``mean_v −[−E(v,h) − log q(h|v)]`` with one ``h ~ q(·|v)``."""
         return importance_weighted_loss(energy, q, v, 1, generator).mean()
