@@ -47,6 +47,15 @@ def random_inception_weights(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: on a machine of few cores, more threads only contend."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def float64():
     """Run a test in double precision (finite differences and exact identities)."""

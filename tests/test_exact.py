@@ -32,13 +32,7 @@ from tests.test_grbm import all_hidden_states, random_grbm
 EXACT = {"rtol": 1e-10, "atol": 1e-10}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: small tensors run far faster on one thread than contended on two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flat(grads) -> torch.Tensor:

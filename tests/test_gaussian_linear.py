@@ -1,4 +1,4 @@
-"""The linear-Gaussian EBLVM (METHODS §2.4) and its exact posterior against closed forms and quadrature (float64),
+"""The linear-Gaussian EBLVM (docs/methods.md §2.4) and its exact posterior against closed forms and quadrature (float64),
 and its wiring through the builder and a short training run."""
 
 from __future__ import annotations

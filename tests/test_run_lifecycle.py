@@ -32,13 +32,7 @@ SHORT = [*FAST_RUN, *CHEAP, "trainer.max_steps=4", "trainer.val_check_interval=2
 SHORT += ["test_checkpoint=last"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared machine of few cores, more threads only contend (and runs take minutes)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(run_dir: Path, overrides: list[str]) -> dict:

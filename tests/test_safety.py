@@ -33,13 +33,7 @@ SHORT = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared machine of few cores, more threads only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +182,19 @@ def test_a_target_outside_the_allowlist_is_refused_before_anything_is_written(tm
     assert not out.exists(), f"the refused run wrote {sorted(p.name for p in out.iterdir())}"
 
 
-def test_a_checkpoint_whose_stored_config_names_a_forbidden_target_is_refused(finished_run, tmp_path):
+def saved_beside(finished_run, tmp_path, checkpoint: dict):
+    """``checkpoint`` saved as ``checkpoints/tampered.ckpt`` in a copy of ``finished_run``; the file's path."""
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    checkpoint["eblvm"]["config"]["objective"]["_target_"] = "torch.load"
     tampered = run_dir / "checkpoints" / "tampered.ckpt"
     torch.save(checkpoint, tampered)
+    return tampered
+
+
+def test_a_checkpoint_whose_stored_config_names_a_forbidden_target_is_refused(finished_run, tmp_path):
+    checkpoint = load_checkpoint(finished_run / "checkpoints" / "last.ckpt")
+    checkpoint["eblvm"]["config"]["objective"]["_target_"] = "torch.load"
+    tampered = saved_beside(finished_run, tmp_path, checkpoint)
     with pytest.raises(ConfigError) as refused:
         rebuild(tampered)
     assert (refused.value.key, refused.value.value) == ("objective._target_", "torch.load")
@@ -213,23 +213,17 @@ def test_a_target_built_by_an_interpolation_is_refused(tmp_path):
 
 
 def test_a_checkpoint_whose_stored_config_holds_an_interpolation_is_refused(finished_run, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(finished_run, run_dir)
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint = load_checkpoint(finished_run / "checkpoints" / "last.ckpt")
     checkpoint["eblvm"]["config"]["model"]["h_dim"] = '${oc.create:"{_target_: torch.load, _args_: [x]}"}'
-    tampered = run_dir / "checkpoints" / "tampered.ckpt"
-    torch.save(checkpoint, tampered)
+    tampered = saved_beside(finished_run, tmp_path, checkpoint)
     with pytest.raises(ConfigError, match="interpolations"):
         rebuild(tampered)
 
 
 def test_a_checkpoint_of_an_unknown_format_is_refused(finished_run, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(finished_run, run_dir)
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint = load_checkpoint(finished_run / "checkpoints" / "last.ckpt")
     checkpoint["eblvm"]["format_version"] = 99
-    tampered = run_dir / "checkpoints" / "tampered.ckpt"
-    torch.save(checkpoint, tampered)
+    tampered = saved_beside(finished_run, tmp_path, checkpoint)
     with pytest.raises(ConfigError, match="format 99"):
         rebuild(tampered)
 

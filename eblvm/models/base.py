@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from eblvm.errors import require
 
 
 class EnergyModel(nn.Module):
@@ -35,6 +39,22 @@ class EnergyModel(nn.Module):
     image_shape: tuple[int, int, int] | None = None
     v_dim: int
     h_dim: int
+
+    def _keep_sizes(self, v_dim: int, h_dim: int, sigma_init: float) -> None:
+        """Check and keep ``v_dim`` and ``h_dim`` (and check the ``sigma_init`` of ``_add_log_sigma``)."""
+        require(isinstance(v_dim, int) and v_dim >= 1, "v_dim", v_dim, "must be a positive integer")
+        require(isinstance(h_dim, int) and h_dim >= 1, "h_dim", h_dim, "must be a positive integer")
+        require(sigma_init > 0, "sigma_init", sigma_init, "must be > 0")
+        self.v_dim, self.h_dim = v_dim, h_dim
+
+    def _add_log_sigma(self, sigma_shape: tuple[int, ...], learn_sigma: bool, sigma_init: float) -> None:
+        """``log_sigma`` of ``sigma_shape`` starting at ``log(sigma_init)``: a parameter, or a buffer when
+        ``learn_sigma`` is false (registered last, after the model's other weights)."""
+        log_sigma = torch.full(sigma_shape, math.log(sigma_init))
+        if learn_sigma:
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
 
     def free_energy(self, v: torch.Tensor) -> torch.Tensor:
         """``F(v) = −log ∫ exp(−E(v, h)) dh``, shape ``(..., B)``."""

@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from eblvm.errors import require
 from eblvm.models.base import EnergyModel
 
 
@@ -35,18 +34,11 @@ class GaussianLinear(EnergyModel):
 
     def __init__(self, v_dim: int, h_dim: int, learn_sigma: bool = True, sigma_init: float = 1.0):
         super().__init__()
-        require(isinstance(v_dim, int) and v_dim >= 1, "v_dim", v_dim, "must be a positive integer")
-        require(isinstance(h_dim, int) and h_dim >= 1, "h_dim", h_dim, "must be a positive integer")
-        require(sigma_init > 0, "sigma_init", sigma_init, "must be > 0")
-        self.v_dim, self.h_dim = v_dim, h_dim
+        self._keep_sizes(v_dim, h_dim, sigma_init)
         bound = 1.0 / math.sqrt(h_dim)
         self.A = nn.Parameter(torch.empty(v_dim, h_dim).uniform_(-bound, bound))
         self.b = nn.Parameter(torch.empty(v_dim).uniform_(-bound, bound))
-        log_sigma = torch.tensor(math.log(sigma_init))
-        if learn_sigma:
-            self.log_sigma = nn.Parameter(log_sigma)
-        else:
-            self.register_buffer("log_sigma", log_sigma)
+        self._add_log_sigma((), learn_sigma, sigma_init)
 
     @property
     def variance(self) -> torch.Tensor:
