@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
 import pytorch_lightning as pl
 import torch
 
-from eblvm.bilevel.module import BilevelModule, EvalConfig
+from eblvm.bilevel.module import BilevelModule
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.models import GRBM
 from eblvm.objectives import ContrastiveDivergence, NoiseContrastiveEstimation, VariationalNCE
 from eblvm.posteriors import BoundPosterior, RelaxedBernoulliPosterior
 from eblvm.sampling import gibbs_sample
 from tests.test_grbm import random_grbm
-
-
-def _exact_nll_gradient(model: GRBM, v: torch.Tensor) -> torch.Tensor:
-    """∇_W of mean F(v) + log Z: the negative log-likelihood's gradient, exactly (enumeration)."""
-    return torch.autograd.grad(model.free_energy(v).mean() + model.log_partition(), [model.W])[0]
-
-
-@pytest.mark.parametrize("k", [1, 100])
-def test_cd_gradient_approaches_the_exact_likelihood_gradient_with_long_chains(float64, k):
-    model = random_grbm(2, 3, seed=30, scale=2.0)
-    v = torch.rand(40, 2).repeat(250, 1)  # many chains per data point: Monte Carlo error ~1%
-    cd = ContrastiveDivergence(k=k)
-    gradient = torch.autograd.grad(cd.higher_loss(model, None, v, torch.Generator().manual_seed(0)), [model.W])[0]
-    exact = _exact_nll_gradient(model, v)
-    relative_error = float((gradient - exact).norm() / exact.norm())
-    if k == 100:
-        assert relative_error < 0.05
-    else:  # one step from the data is visibly biased on this model: the test above can fail
-        assert relative_error > 0.1
 
 
 def test_pcd_chains_persist_across_steps_and_survive_a_state_dict_round_trip(float64):
@@ -59,7 +39,7 @@ def _train_on_known_grbm(objective, posterior, steps: int):
     data = gibbs_sample(truth, 4000, n_sweeps=200, generator=torch.Generator().manual_seed(1), return_mean=False)
     objective.prepare(data)
     model = GRBM(2, 3)
-    module = BilevelModule(model, posterior, objective, OptimConfig(lr=1e-2), EvalConfig(), seed=0)
+    module = BilevelModule(model, posterior, objective, OptimConfig(lr=1e-2), seed=0)
     held_out = data[:1000]
 
     def loss_and_gap():

@@ -52,7 +52,8 @@ def test_cli_trains_with_every_objective(tmp_path, objective):
 def test_multirun_runs_each_job_in_its_own_directory_with_its_own_wandb_run(tmp_path):
     result = train(
         "-m",
-        *[o for o in FAST_RUN if o != "logger=csv"],
+        *FAST_RUN,
+        "logger=wandb",  # after FAST_RUN's csv logger: W&B (offline) and metrics.csv
         "objective.n_unroll=0,1",
         f"hydra.sweep.dir={tmp_path}",
         wandb_mode="offline",
@@ -68,7 +69,7 @@ def test_multirun_runs_each_job_in_its_own_directory_with_its_own_wandb_run(tmp_
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path):
-    overrides = [*(o for o in FAST_RUN if o != "logger=csv"), f"hydra.run.dir={tmp_path}"]
+    overrides = [*FAST_RUN, "logger=wandb", f"hydra.run.dir={tmp_path}"]  # W&B after FAST_RUN's csv logger
     assert train(*overrides, "trainer.max_steps=15", wandb_mode="offline").returncode == 0
     resumed = train(*overrides, "trainer.max_steps=30", "auto_resume=true", wandb_mode="offline")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

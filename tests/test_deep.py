@@ -12,7 +12,7 @@ import torch
 
 from eblvm.models import EBM, LatentEBM
 from eblvm.objectives import ScoreMatching
-from eblvm.objectives.scores import bism_score, frozen_energy
+from eblvm.objectives.estimators import BiSMScore, frozen_energy
 from eblvm.posteriors import BoundPosterior, GaussianConvPosterior, GaussianPosterior
 from eblvm.run import run
 from tests.conftest import FAST_DEEP, ROOT, compose_train_config
@@ -55,7 +55,7 @@ def test_deep_model_sizes_follow_the_paper():
     mnist = LatentEBM((1, 32, 32), h_dim=50, channels=64, depth="resnet6")
     assert mnist.features_dim == 16 * 512 and mnist.head.out_features == 16 * 256
     cifar_ebm = EBM((3, 32, 32), channels=128, depth="resnet9")
-    assert cifar_ebm.head.weight.numel() == 16 * 1024 * 16 * 512  # the 134M-parameter head of METHODS §2.2
+    assert cifar_ebm.head.weight.numel() == 16 * 1024 * 16 * 512  # the 134M-parameter head of docs/methods.md §2.2
 
 
 def test_posterior_fisher_loss_decreases_with_the_energy_fixed():
@@ -97,7 +97,10 @@ def test_bism_with_the_exact_gaussian_posterior_is_the_exact_score(float64):
     with torch.no_grad():
         model.A.copy_(torch.linalg.qr(torch.randn(4, 3))[0] * torch.tensor([0.5, 1.0, 2.0]))
     v = torch.randn(6, 4, requires_grad=True)
-    score = bism_score(model, BoundPosterior(ExactPosterior()), torch.Generator().manual_seed(1), n_particles=5)(v)
+    score_fn = BiSMScore(n_particles=5).score_function(
+        model, BoundPosterior(ExactPosterior()), torch.Generator().manual_seed(1)
+    )
+    score = score_fn(v)
     exact = -v @ torch.linalg.inv(torch.eye(4) + model.A @ model.A.T)
     torch.testing.assert_close(score, exact.expand(5, 6, 4), rtol=1e-10, atol=1e-10)
 

@@ -1,5 +1,5 @@
-"""The linear-Gaussian EBLVM (docs/methods.md §2.4) and its exact posterior against closed forms and quadrature (float64),
-and its wiring through the builder and a short training run."""
+"""The linear-Gaussian EBLVM (docs/methods.md §2.4) and its exact posterior against closed forms and quadrature
+(float64), and its wiring through the builder and a short training run."""
 
 from __future__ import annotations
 

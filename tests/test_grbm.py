@@ -12,7 +12,7 @@ from scipy import integrate
 
 from eblvm.evaluation.likelihood import log_likelihood, log_partition
 from eblvm.models import GRBM, EnergyModel
-from eblvm.objectives.higher import score_matching
+from eblvm.objectives.score_losses import score_matching
 from eblvm.sampling import gibbs_sample
 
 
@@ -54,7 +54,9 @@ def test_exact_log_partition_matches_numerical_integration(float64):
 def test_ais_agrees_with_exact_log_partition_within_its_error(float64):
     model = random_grbm(5, 10, seed=2, scale=1.5)
     exact = float(model.log_partition())
-    value, stderr = model.ais_log_partition(n_temperatures=1000, n_chains=500, generator=torch.Generator().manual_seed(0))
+    value, stderr = model.ais_log_partition(
+        n_temperatures=1000, n_chains=500, generator=torch.Generator().manual_seed(0)
+    )
     assert stderr > 0
     assert abs(value - exact) < 4 * stderr + 1e-3
     assert log_partition(model, exact_max_h_dim=20).method == "exact"
@@ -68,7 +70,7 @@ def test_closed_form_score_equals_autograd_of_free_energy(float64):
 
 
 def test_sm_objective_uses_exact_hessian_trace(float64):
-    """METHODS §8: tr ∇s = −Σ 1/σ_i² + Σ_j σ(a_j)(1−σ(a_j)) Σ_i W_ij², a = c + Wᵀv."""
+    """docs/methods.md §8: tr ∇s = −Σ 1/σ_i² + Σ_j σ(a_j)(1−σ(a_j)) Σ_i W_ij², a = c + Wᵀv."""
     model = random_grbm(3, 4, seed=4)
     v = torch.randn(11, 3)
     probs = torch.sigmoid(model.hidden_logits(v))

@@ -25,6 +25,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.datasets import CIFAR10, SVHN, CelebA
 
+from eblvm.assemble import instantiate_node
 from eblvm.data import (
     EBLVMDataModule,
     Splits,
@@ -38,7 +39,6 @@ from eblvm.data import (
 )
 from eblvm.data.datamodule import flip_horizontally
 from eblvm.errors import ConfigError
-from eblvm.run import build
 from tests.conftest import compose_train_config
 
 
@@ -523,7 +523,7 @@ def test_image_configs_read_the_files_under_the_data_dir(tmp_path, monkeypatch, 
     write, overrides, image_shape = CONFIGS[name]
     write(tmp_path, monkeypatch)
     cfg = compose_train_config(tmp_path, [f"data={name}", *overrides])  # paths.data_dir is tmp_path
-    datamodule = build("data", cfg.data)
+    datamodule = instantiate_node("data", cfg.data)
     assert datamodule.image_shape == image_shape and datamodule.dim == int(np.prod(image_shape))
     assert datamodule.random_flip == (name == "celeba")
     assert datamodule.train_on_val == (name in ("mnist", "fashion_mnist", "cifar10", "celeba"))
@@ -534,6 +534,6 @@ def test_image_configs_read_the_files_under_the_data_dir(tmp_path, monkeypatch, 
 def test_image_config_without_files_stops_with_the_fix(tmp_path):
     cfg = compose_train_config(tmp_path, ["data=mnist"])
     with pytest.raises(FileNotFoundError) as error:
-        build("data", cfg.data)
+        instantiate_node("data", cfg.data)
     assert str(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte") in str(error.value)
     assert f"torchvision.datasets.MNIST('{tmp_path}', download=True)" in str(error.value)

@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from eblvm.checkpoints import load_run
+from eblvm.assemble import rebuild
+from eblvm.checkpoints import load_checkpoint
 from eblvm.errors import ConfigError, DivergenceError, Preempted
 from eblvm.run import run
 from tests.conftest import FAST_RUN, ROOT, compose_train_config
@@ -31,7 +32,7 @@ def metric_rows(run_dir) -> list[dict[str, str]]:
 
 
 def final_state(run_dir) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    return load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
 
 
 @pytest.mark.parametrize(
@@ -81,7 +82,7 @@ def test_truncated_checkpoint_is_refused_with_a_clear_error(tmp_path):
 
     shutil.copy(damaged, first / "checkpoints" / "last.ckpt")
     with pytest.raises(ConfigError, match="checkpoint=.*truncated or corrupt"):
-        load_run(first)
+        rebuild(first)
 
 
 @pytest.mark.slow
@@ -102,7 +103,7 @@ def test_a_signal_to_a_training_process_checkpoints_and_exits_with_the_documente
     assert process.returncode == 4, output
     outcome = json.loads((tmp_path / "outcome.json").read_text())
     assert outcome["status"] == "preempted" and signal_name in outcome["message"]
-    stopped_at = torch.load(last, weights_only=False)["global_step"]
+    stopped_at = load_checkpoint(last)["global_step"]
     assert stopped_at == outcome["step"] > 0
 
     more = [*FAST_RUN, f"trainer.max_steps={stopped_at + 5}", f"hydra.run.dir={tmp_path}", "auto_resume=true"]

@@ -8,9 +8,11 @@ import json
 import pytest
 import torch
 
+from eblvm.assemble import instantiate_node
+from eblvm.checkpoints import load_checkpoint
 from eblvm.errors import DivergenceError
 from eblvm.evaluation.likelihood import log_likelihood, log_partition
-from eblvm.run import build, run
+from eblvm.run import run
 from tests.conftest import FAST_DEEP, FAST_RUN, compose_train_config
 
 
@@ -25,11 +27,10 @@ def test_default_config_is_the_documented_bidsm_run(tmp_path):
 
 @pytest.mark.slow
 def test_short_checkerboard_run_raises_test_log_likelihood(tmp_path):
-    overrides = [o for o in FAST_RUN if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
-    cfg = compose_train_config(tmp_path, overrides + ["trainer.max_steps=600", "trainer.val_check_interval=300"])
+    cfg = compose_train_config(tmp_path, FAST_RUN + ["trainer.max_steps=600", "trainer.val_check_interval=300"])
     torch.manual_seed(cfg.seed)
-    datamodule = build("data", cfg.data)
-    initial = build("model", cfg.model, v_dim=datamodule.dim)
+    datamodule = instantiate_node("data", cfg.data)
+    initial = instantiate_node("model", cfg.model, v_dim=datamodule.dim)
     initial_ll = float(log_likelihood(initial, datamodule.splits.test, log_partition(initial)))
 
     summary = run(cfg)
@@ -65,7 +66,7 @@ def test_ddp_on_two_cpu_processes(tmp_path, overrides):
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == cfg.trainer.max_steps
     assert ranks[0]["seed"] != ranks[1]["seed"], "every rank must draw its own noise"
     assert not torch.equal(ranks[0]["first_batch"], ranks[1]["first_batch"]), "ranks must see different data"
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert len(checkpoint["optimizer_states"]) == 2
     assert all(state["state"] for state in checkpoint["optimizer_states"]), "both optimizers have stepped"
     generator_states = checkpoint["eblvm_generator_states"]
@@ -92,7 +93,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_finite_checkpoint(tmp
         run(cfg)
     assert error.value.step >= 20 and ("loss" in error.value.quantity or "gradient" in error.value.quantity)
     assert f"at step {error.value.step}" in str(error.value)
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] <= error.value.step
     assert all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values())
     assert not (tmp_path / "summary.json").exists()
@@ -101,7 +102,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_finite_checkpoint(tmp
 def test_pcd_chains_are_saved_in_the_lightning_checkpoint(tmp_path):
     cfg = compose_train_config(tmp_path, FAST_RUN + ["objective=pcd"])
     run(cfg)
-    chain = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["objective.chain"]
+    chain = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]["objective.chain"]
     assert chain.shape == (cfg.data.batch_size, cfg.model.h_dim)
     assert set(chain.unique().tolist()) <= {0.0, 1.0}
 
@@ -112,7 +113,7 @@ def test_last_checkpoint_is_the_final_state_even_when_the_best_is_earlier(tmp_pa
         tmp_path, FAST_RUN + ["trainer.val_check_interval=10", "callbacks.checkpoint.mode=min", "test_checkpoint=last"]
     )
     summary = run(cfg)
-    steps = {name: torch.load(tmp_path / "checkpoints" / f"{name}.ckpt", weights_only=False)["global_step"]
+    steps = {name: load_checkpoint(tmp_path / "checkpoints" / f"{name}.ckpt")["global_step"]
              for name in ("best", "last")}  # fmt: skip
     assert steps["best"] < steps["last"] == cfg.trainer.max_steps
     assert summary["tested"] == "final weights"
