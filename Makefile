@@ -20,11 +20,14 @@ $(STAMP): pyproject.toml
 train: install  ## the default run (GRBM 2->4, BiDSM, checkerboard); extra overrides: make train ARGS="seed=2"
 	$(PYTHON) train.py $(ARGS)
 
+# The tests run in one process per core, each with one thread (small tensors: threads only contend).
+PYTEST := OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(shell nproc) --dist load
+
 test: install  ## every test, the slow end-to-end ones included
-	$(PYTHON) -m pytest -q
+	$(PYTEST)
 
 test-fast: install  ## skip the tests marked slow
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(PYTHON) -m ruff check .
