@@ -249,6 +249,18 @@ class RunParts:
         """Names (without stage) of every metric this run logs at validation and test."""
         return {"objective"} | {name for callback in self.evaluation_callbacks for name in callback.logged}
 
+    def evaluation_record(self) -> dict[str, Any]:
+        """What the evaluation callbacks recorded for a summary: which ran, the facts behind their metrics
+        (``log_z``: how log Z was computed, None without a log-likelihood), the sampling mode and their figures."""
+        callbacks = self.evaluation_callbacks
+        return {
+            "log_z": None,
+            **{key: value for callback in callbacks for key, value in callback.facts.items()},
+            "sampling_mode": self.sampling_mode,
+            "evaluations": [type(callback).__name__ for callback in callbacks],
+            "figures": {name: str(path) for callback in callbacks for name, path in callback.figures.items()},
+        }
+
     def module(self, cfg: DictConfig) -> BilevelModule:
         """The Lightning module that trains these parts, recording the config that rebuilds them."""
         record = {"config": OmegaConf.to_container(cfg, resolve=True), "data_shapes": self.data_shapes}

@@ -69,7 +69,6 @@ def evaluate(
     start = time.perf_counter()
     run_split = trainer.test if split == "test" else trainer.validate
     (metrics,) = run_split(module, parts.datamodule, verbose=False)
-    facts = {key: value for callback in parts.evaluation_callbacks for key, value in callback.facts.items()}
     record = {
         "checkpoint": str(file),
         "out": str(out),
@@ -78,12 +77,9 @@ def evaluate(
         "split": split,
         "overrides": list(overrides),
         "evaluation": OmegaConf.to_container(trained.config.evaluation, resolve=True),
-        "sampling_mode": parts.sampling_mode,
-        "evaluations": [type(callback).__name__ for callback in parts.evaluation_callbacks],
-        **facts,
+        **parts.evaluation_record(),
         "seconds": round(time.perf_counter() - start, 2),
         "metrics": {name: float(value) for name, value in metrics.items()},
-        "figures": {n: str(p) for callback in parts.evaluation_callbacks for n, p in callback.figures.items()},
     }
     (out / "metrics.json").write_text(json.dumps(record, indent=2))
     return record

@@ -173,17 +173,11 @@ def training_only_metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 def summarize(parts: RunParts, cfg: DictConfig, metrics: dict[str, float], **facts: Any) -> dict[str, Any]:
     """``summary.json``: the run's facts, what its evaluation callbacks recorded and the ``metrics``."""
-    figures = {name: str(path) for callback in parts.evaluation_callbacks for name, path in callback.figures.items()}
-    recorded = {key: value for callback in parts.evaluation_callbacks for key, value in callback.facts.items()}
     return {
         "model": cfg.get("run_name"),
         **facts,
-        "log_z": None,
-        **recorded,
-        "sampling_mode": parts.sampling_mode,
-        "evaluations": [type(callback).__name__ for callback in parts.evaluation_callbacks],
+        **parts.evaluation_record(),
         **{name: float(value) for name, value in metrics.items()},
-        "figures": figures,
     }
 
 
