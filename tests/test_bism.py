@@ -35,10 +35,10 @@ def test_bernoulli_log_mass_makes_the_joint_ratio_constant_in_h(float64):
     assert not torch.allclose(-model(v, h) - concrete.log_prob(x, q(v)), -model.free_energy(v).expand(7, 5))
 
 
-def _tiny_problem(optimizer_name: str, seed: int = 0):
+def _tiny_problem(optimizer_name: str, seed: int = 0, net: str = "linear"):
     torch.manual_seed(seed)
     model = random_grbm(2, 3, seed=seed)
-    posterior = RelaxedBernoulliPosterior(2, 3, temperature=0.5)
+    posterior = RelaxedBernoulliPosterior(2, 3, temperature=0.5, net=net, hidden_dim=4)
     if optimizer_name == "adam":
         optimizer = torch.optim.Adam(posterior.parameters(), lr=0.05, betas=(0.9, 0.95))
     else:
@@ -63,8 +63,9 @@ def _bilevel_loss(model, posterior, optimizer, objective, v, n_unroll: int) -> t
 
 @pytest.mark.parametrize("optimizer_name", ["adam", "sgd"])
 @pytest.mark.parametrize("n_unroll", [1, 2])
-def test_hypergradient_matches_central_finite_differences(float64, optimizer_name, n_unroll):
-    problem = _tiny_problem(optimizer_name)
+@pytest.mark.parametrize("net", ["linear", "mlp"])  # mlp: six weights of four shapes through the tensor-list update
+def test_hypergradient_matches_central_finite_differences(float64, optimizer_name, n_unroll, net):
+    problem = _tiny_problem(optimizer_name, net=net)
     model = problem[0]
     (analytic,) = [torch.autograd.grad(_bilevel_loss(*problem, n_unroll), [model.W])]
     numeric = torch.zeros_like(model.W)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
 
 from eblvm.bilevel.module import BilevelModule
-from eblvm.bilevel.optim import OptimConfig
+from eblvm.bilevel.optim import SGD, Adam, OptimConfig
 from eblvm.bilevel.unroll import unroll
 from eblvm.evaluation.posterior import gradient_bias, posterior_gap
 from eblvm.objectives import ContrastiveDivergence, ScoreMatching
@@ -321,7 +321,32 @@ def test_cd_with_long_chains_is_unbiased_and_cd1_is_not(float64):
     assert (mean - exact).norm() > 10 * stderr.norm()
 
 
-# 7. The unroll uses q's scheduled learning rate --------------------------------------------------------------
+# 7. The optimizers, and the unroll's use of q's scheduled learning rate ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "options"),
+    [
+        (Adam, torch.optim.Adam, {"lr": 0.05, "betas": (0.9, 0.95), "weight_decay": 0.01}),
+        (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.01}),
+        (SGD, torch.optim.SGD, {"lr": 0.1}),
+    ],
+    ids=["adam", "sgd-momentum", "sgd"],
+)
+def test_the_tensor_list_optimizers_step_as_torch_optim_does(float64, ours, theirs, options):
+    """eblvm's Adam and SGD (the unroll's update rules, applied in place) against torch.optim's, over steps in
+    which one parameter has no gradient on alternate steps (it must be skipped, its state untouched)."""
+    start = [torch.randn(3, 2, generator=torch.Generator().manual_seed(70)), torch.randn(2)]
+    weights = {kind: [w.clone().requires_grad_(True) for w in start] for kind in ("ours", "theirs")}
+    optimizers = {"ours": ours(weights["ours"], **options), "theirs": theirs(weights["theirs"], **options)}
+    for step in range(6):
+        for kind, (matrix, vector) in weights.items():
+            optimizers[kind].zero_grad(set_to_none=True)
+            loss = (matrix**3).sum() + (0 if step % 2 else (vector.sin() * matrix[0]).sum())
+            loss.backward()
+            optimizers[kind].step()
+        for mine, reference in zip(weights["ours"], weights["theirs"], strict=True):
+            torch.testing.assert_close(mine, reference, rtol=0, atol=1e-12)
 
 
 def test_unroll_takes_the_adam_step_at_the_cosine_scheduled_learning_rate(float64):
@@ -333,7 +358,7 @@ def test_unroll_takes_the_adam_step_at_the_cosine_scheduled_learning_rate(float6
     module.trainer = SimpleNamespace(max_steps=total_steps)
     optimizers, schedulers = module.configure_optimizers()
     optimizer, scheduler = optimizers[1], schedulers[1]
-    assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    assert type(optimizer) is Adam and optimizer.param_groups[0]["betas"] == (0.9, 0.95)
 
     inputs = torch.randn(6, 3, generator=torch.Generator().manual_seed(64))
     targets = torch.randn(6, 4, generator=torch.Generator().manual_seed(65))

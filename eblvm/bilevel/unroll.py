@@ -9,16 +9,17 @@ and its optimizer are never modified.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
+from eblvm.bilevel.optim import SGD, Adam, adam_step, sgd_step
 from eblvm.posteriors.base import BoundPosterior, Posterior
 
 Tensors = dict[str, torch.Tensor]
 
-# Inside Adam's square root: keeps d√v/dv finite where the second moment is exactly zero.
+# Inside Adam's square root in the unroll: keeps d√v/dv finite where the second moment is exactly zero.
 SQRT_STABILISER = 1e-16
-
 
 # Options of torch's Adam and SGD whose update rule the unroll does not reproduce.
 UNSUPPORTED_OPTIONS = ("amsgrad", "maximize", "decoupled_weight_decay")
@@ -34,29 +35,6 @@ def _param_group(optimizer: torch.optim.Optimizer) -> dict:
     return group
 
 
-def adam_step(params: Tensors, grads: dict[str, torch.Tensor | None], state: dict[str, Tensors], group: dict):
-    """One Adam step (``torch.optim.Adam`` semantics, coupled weight decay), differentiable in every term.
-
-    ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``, ``φ ← φ − lr·(m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ) + δ) + eps)``,
-    with ``δ`` = ``SQRT_STABILISER``; the preconditioner is not detached. A parameter without a gradient (None)
-    keeps its value and its state, as ``torch.optim.Adam`` skips it.
-    """
-    beta1, beta2 = group["betas"]
-    new_params, new_state = {}, {}
-    for name, param in params.items():
-        if grads[name] is None:
-            new_params[name], new_state[name] = param, state[name]
-            continue
-        grad = grads[name] + group["weight_decay"] * param if group["weight_decay"] else grads[name]
-        step = state[name]["step"] + 1
-        exp_avg = beta1 * state[name]["exp_avg"] + (1 - beta1) * grad
-        exp_avg_sq = beta2 * state[name]["exp_avg_sq"] + (1 - beta2) * grad * grad
-        denom = torch.sqrt(exp_avg_sq / (1 - beta2**step) + SQRT_STABILISER) + group["eps"]
-        new_params[name] = param - group["lr"] * (exp_avg / (1 - beta1**step)) / denom
-        new_state[name] = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    return new_params, new_state
-
-
 def adam_state(optimizer: torch.optim.Adam, named_params: dict[str, torch.nn.Parameter]) -> dict[str, Tensors]:
     """Detached copies of Adam's moments and step count (zeros before its first step)."""
     state = {}
@@ -68,24 +46,6 @@ def adam_state(optimizer: torch.optim.Adam, named_params: dict[str, torch.nn.Par
             "exp_avg_sq": real["exp_avg_sq"].detach().clone() if "exp_avg_sq" in real else torch.zeros_like(param),
         }
     return state
-
-
-def sgd_step(params: Tensors, grads: dict[str, torch.Tensor | None], state: dict[str, Tensors], group: dict):
-    """One SGD step (``torch.optim.SGD`` semantics: weight decay, momentum with dampening, Nesterov); a parameter
-    without a gradient (None) keeps its value and its momentum, as ``torch.optim.SGD`` skips it."""
-    new_params, new_state = {}, {}
-    for name, param in params.items():
-        if grads[name] is None:
-            new_params[name], new_state[name] = param, state[name]
-            continue
-        grad = grads[name] + group["weight_decay"] * param if group["weight_decay"] else grads[name]
-        buffer = state[name].get("momentum_buffer")
-        if group["momentum"]:
-            buffer = grad if buffer is None else group["momentum"] * buffer + (1 - group["dampening"]) * grad
-            grad = grad + group["momentum"] * buffer if group["nesterov"] else buffer
-        new_params[name] = param - group["lr"] * grad
-        new_state[name] = {"momentum_buffer": buffer}
-    return new_params, new_state
 
 
 def sgd_state(optimizer: torch.optim.SGD, named_params: dict[str, torch.nn.Parameter]) -> dict[str, Tensors]:
@@ -110,9 +70,9 @@ def unroll(
     """
     if n_steps == 0:
         return BoundPosterior.detached(posterior)
-    if type(optimizer) is torch.optim.Adam:
-        step_fn, state_fn = adam_step, adam_state
-    elif type(optimizer) is torch.optim.SGD:
+    if type(optimizer) in (Adam, torch.optim.Adam):
+        step_fn, state_fn = partial(adam_step, sqrt_stabiliser=SQRT_STABILISER), adam_state
+    elif type(optimizer) in (SGD, torch.optim.SGD):
         step_fn, state_fn = sgd_step, sgd_state
     else:
         raise ValueError(f"cannot unroll {type(optimizer).__name__}: use optim.name=adam or optim.name=sgd")

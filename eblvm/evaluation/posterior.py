@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -50,7 +51,9 @@ def _adapted_posterior(objective, model, posterior, optimizer, v, n_lower_steps,
     if optimizer is None:  # a posterior without weights (the exact one) is used as it is
         return BoundPosterior(posterior)
     q_module = copy.deepcopy(posterior)
-    q_optimizer = type(optimizer)(q_module.parameters(), **optimizer.defaults)
+    accepted = inspect.signature(type(optimizer)).parameters
+    settings = {key: value for key, value in optimizer.defaults.items() if key in accepted}
+    q_optimizer = type(optimizer)(q_module.parameters(), **settings)
     # load_state_dict keeps the very tensors it is given: copy them, or these steps would move the real moments
     q_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     generator, frozen = torch.Generator(device=v.device).manual_seed(seed), frozen_energy(model)
