@@ -44,7 +44,7 @@ class GRBM(EnergyModel):
         return 0.5 * ((v - self.b) ** 2 / self.variance).sum(-1)
 
     def forward(self, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return self._quadratic(v) - h @ self.c - ((v @ self.W) * h).sum(-1)
+        return self._quadratic(v) - (h * self.hidden_logits(v)).sum(-1)  # cᵀh + vᵀWh = hᵀ(c + Wᵀv)
 
     def hidden_logits(self, v: torch.Tensor) -> torch.Tensor:
         """Logits of the exact posterior: ``p(h_j = 1 | v) = sigmoid(c_j + (Wᵀv)_j)``."""

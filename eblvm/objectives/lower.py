@@ -29,6 +29,8 @@ def importance_weighted_loss(
     sample = q.rsample(dist, n_samples, generator)
     h = q.latent(sample)
     log_weights = -energy(v, h) - q.log_prob(sample, dist, h)
+    if n_samples == 1:  # logsumexp over one sample is that sample: the ELBO, without the reduction's cost
+        return -log_weights[0]
     return -(torch.logsumexp(log_weights, dim=0) - math.log(n_samples))
 
 

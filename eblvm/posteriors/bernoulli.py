@@ -56,8 +56,8 @@ class BernoulliFamily(Posterior):
         u = torch.rand((n_samples,) + logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
         if self.sample_kind == "binary":
             return (u < torch.sigmoid(logits)).to(logits.dtype)
-        u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
-        return (logits + torch.log(u) - torch.log1p(-u)) / self.temperature
+        logistic = torch.logit(u.clamp_(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps))  # log u − log(1−u)
+        return (logits + logistic) / self.temperature
 
     def latent(self, sample: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(sample) if self.sample_kind == "relaxed" else sample
@@ -65,7 +65,8 @@ class BernoulliFamily(Posterior):
     def log_prob(self, sample: torch.Tensor, logits: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         if self.log_prob_form == "bernoulli":
             h = self.latent(sample) if h is None else h
-            return (h * F.logsigmoid(logits) + (1 - h) * F.logsigmoid(-logits)).sum(-1)
+            # h log σ(l) + (1 − h) log σ(−l) = h l − softplus(l), since log σ(l) − log σ(−l) = l
+            return (h * logits - F.softplus(logits)).sum(-1)
         tau, x = self.temperature, sample
         shifted = logits - tau * x
         log_density_x = math.log(tau) + shifted - 2 * F.softplus(shifted)
