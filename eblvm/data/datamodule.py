@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
@@ -19,9 +19,26 @@ from eblvm.data.splits import Splits
 from eblvm.errors import require
 
 
-def _stack_rows(rows: list[tuple[torch.Tensor]]) -> torch.Tensor:
-    """Collate ``TensorDataset`` items into one (B, d) tensor rather than a 1-tuple."""
-    return torch.stack([row for (row,) in rows])
+class Rows(Dataset):
+    """The rows of one (N, d) tensor; a batch is fetched by one indexing operation (``__getitems__``), not row by
+    row and stacked, in the order the loader's sampler gives."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.data[index]
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        return self.data[indices]
+
+
+def _batch(rows: torch.Tensor) -> torch.Tensor:
+    """The (B, d) batch ``Rows.__getitems__`` fetched, as it is."""
+    return rows
 
 
 def _channels_height_width(image_shape: Sequence[int], dim: int) -> tuple[int, int, int]:
@@ -124,12 +141,12 @@ class EBLVMDataModule(pl.LightningDataModule):
 
     def _loader(self, data: torch.Tensor, batch_size: int, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
         return StatefulDataLoader(
-            TensorDataset(data),
+            Rows(data),
             batch_size=batch_size,
             shuffle=shuffle if sampler is None else None,
             sampler=sampler,
             drop_last=drop_last,
-            collate_fn=_stack_rows,
+            collate_fn=_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -142,7 +159,7 @@ class EBLVMDataModule(pl.LightningDataModule):
         sampler = None
         if world_size > 1:
             sampler = ResumableDistributedSampler(
-                TensorDataset(self.train_data),
+                Rows(self.train_data),
                 num_replicas=world_size,
                 rank=self.trainer.global_rank,
                 seed=_lightning_seed(),
