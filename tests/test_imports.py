@@ -17,13 +17,14 @@ PACKAGE = ROOT / "eblvm"
 HEAVY = ("pytorch_lightning", "lightning_fabric", "lightning", "torchmetrics", "sklearn", "matplotlib", "hydra")
 
 
-def test_component_packages_import_without_the_training_stack():
+def loaded_after(imports: str, heavy: tuple[str, ...]) -> list[str]:
+    """The packages of ``heavy`` that a fresh interpreter has loaded after running ``imports``."""
     code = (
         "import json, sys\n"
-        "import eblvm.models, eblvm.posteriors, eblvm.objectives\n"
-        f"heavy = {HEAVY!r}\n"
+        f"{imports}\n"
+        f"heavy = {heavy!r}\n"
         "loaded = sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
-        "print(json.dumps({'eblvm': eblvm.__file__, 'loaded': loaded}))\n"
+        "print(json.dumps({'eblvm': sys.modules['eblvm'].__file__, 'loaded': loaded}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -32,7 +33,18 @@ def test_component_packages_import_without_the_training_stack():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert Path(report["eblvm"]).resolve() == (PACKAGE / "__init__.py").resolve()
-    assert report["loaded"] == [], f"importing the component packages loaded {report['loaded']}"
+    return report["loaded"]
+
+
+def test_component_packages_import_without_the_training_stack():
+    loaded = loaded_after("import eblvm.models, eblvm.posteriors, eblvm.objectives", HEAVY)
+    assert loaded == [], f"importing the component packages loaded {loaded}"
+
+
+def test_starting_a_run_does_not_import_scikit_learn():
+    """scikit-learn (the linear probe, the scikit-learn toy datasets) loads when used, not when train.py starts
+    (Lightning itself loads torchmetrics and matplotlib)."""
+    assert loaded_after("import eblvm.run", ("sklearn",)) == []
 
 
 # --- the import graph ------------------------------------------------------------------------------------------

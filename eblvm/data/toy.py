@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits, make_moons, make_swiss_roll
 
 from eblvm.data.splits import Splits, require_sizes, split_by_fractions, split_rows
 from eblvm.errors import require
@@ -63,6 +62,8 @@ def moons(n_train: int = 50000, n_val: int = 10000, n_test: int = 10000, seed: i
     Mapped with center (0.5, 0.25) and scale 1/3.5: [0.07, 0.93] x [0.29, 0.71] before noise.
     """
     n = require_sizes(n_train=n_train, n_val=n_val, n_test=n_test)
+    from sklearn.datasets import make_moons  # scikit-learn is imported only by the datasets that use it
+
     points, _ = make_moons(n_samples=n, noise=0.05, random_state=seed)
     return _to_splits(points, n_train, n_val, center=(0.5, 0.25), scale=1 / 3.5)
 
@@ -73,6 +74,8 @@ def swiss_roll(n_train: int = 50000, n_val: int = 10000, n_test: int = 10000, se
     Mapped with center (1.5, 1.5) and scale 1/28: about [0.03, 0.98]^2.
     """
     n = require_sizes(n_train=n_train, n_val=n_val, n_test=n_test)
+    from sklearn.datasets import make_swiss_roll
+
     points, _ = make_swiss_roll(n_samples=n, noise=0.25, random_state=seed)
     return _to_splits(points[:, [0, 2]], n_train, n_val, center=(1.5, 1.5), scale=1 / 28)
 
@@ -91,6 +94,8 @@ def eight_gaussians(n_train: int = 50000, n_val: int = 10000, n_test: int = 1000
 
 def digits(val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> Splits:
     """scikit-learn's 1797 handwritten 8x8 digits (shipped with it), pixels / 16 in [0, 1]: d = 64, labels 0-9."""
+    from sklearn.datasets import load_digits
+
     digits_set = load_digits()
     pixels = torch.as_tensor(digits_set.data / 16, dtype=torch.float32)
     labels = torch.as_tensor(digits_set.target, dtype=torch.int64)

@@ -7,12 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
-from torchmetrics.image.kid import KernelInceptionDistance
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -37,6 +32,8 @@ class InceptionFeatures(nn.Module):
                 f"weights-inception-2015-12-05-6726825d.pth from {INCEPTION_URL} and set "
                 "evaluation.inception_weights=/path/to/file"
             )
+        from torchmetrics.image.fid import NoTrainInceptionV3  # imported when FID is computed, not at start-up
+
         self.net = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(weights), antialias=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -83,6 +80,9 @@ def fid_kid(
         MMD² = Σ_{i≠j} [k(x_i, x_j) + k(y_i, y_j)] / (m(m − 1)) − 2 Σ_{i,j} k(x_i, y_j) / m²
     """
     n_features = real_features.shape[1]
+    from torchmetrics.image.fid import FrechetInceptionDistance  # imported when used, not at start-up
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     fid = FrechetInceptionDistance(feature=_Precomputed(n_features))
     with warnings.catch_warnings():  # the features are already in memory: its warning about keeping them is moot
         warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save all extracted features")
@@ -148,5 +148,9 @@ def linear_probe(
     classes = np.unique(y_train)
     if len(classes) < 2:
         raise ValueError(f"the training labels need at least 2 classes, got {classes.tolist()}")
+    from sklearn.linear_model import LogisticRegression  # imported when a probe is fitted, not at start-up
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
     return float(probe.fit(x_train, y_train).score(x_test, y_test))
