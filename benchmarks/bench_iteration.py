@@ -1,4 +1,4 @@
-"""Milliseconds per training iteration and peak memory, BiDSM against plain DSM.
+"""Milliseconds per training iteration and peak memory, BiDSM against plain DSM, and the arithmetic floor.
 
     python benchmarks/bench_iteration.py            # the full table (a few minutes on 2 CPU cores)
     python benchmarks/bench_iteration.py --steps 20 # quicker, noisier
@@ -7,6 +7,10 @@ Each measurement runs in its own process so peak memory is its own: on CPU the g
 before training (torch's own ~800 MiB excluded), on a GPU the max memory allocated.
 Settings: (a) the default toy run (GRBM 2->4, BiDSM sigma 0.05, K=5 lower steps, N=5 unrolled, batch 100);
 (b) a Frey-Face-sized GRBM 560->400 with BiDSM sigma 0.3, K=5, N=5, batch 100 on random data.
+
+The arithmetic floor of (b) is the floating-point work of one iteration (``torch.utils.flop_counter``: the matrix
+products of every forward and backward pass, the unroll's included) divided by this machine's rate for a
+100x560x400 float32 matrix product at the same thread count, both measured in this run.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def measure(setting: str, estimator: str, n_unroll: int, steps: int, warmup: int
     import torch
 
     from benchmarks.timing import BatchTimer, max_rss_mb, peak_memory_mb, quiet_trainer
-    from eblvm.bilevel.module import BilevelModule, EvalConfig
+    from eblvm.bilevel.module import BilevelModule
     from eblvm.bilevel.optim import OptimConfig
     from eblvm.models import GRBM
     from eblvm.objectives import ScoreMatching
@@ -45,7 +49,7 @@ def measure(setting: str, estimator: str, n_unroll: int, steps: int, warmup: int
     )
     model = GRBM(spec["v_dim"], spec["h_dim"])
     posterior = RelaxedBernoulliPosterior(spec["v_dim"], spec["h_dim"])
-    module = BilevelModule(model, posterior, objective, OptimConfig(), EvalConfig(), seed=0)
+    module = BilevelModule(model, posterior, objective, OptimConfig(), seed=0)
     data = torch.rand(100 * (steps + warmup), spec["v_dim"])
     loader = torch.utils.data.DataLoader(data, batch_size=100, shuffle=True, drop_last=True)
     timer = BatchTimer(device)
@@ -64,6 +68,42 @@ def measure(setting: str, estimator: str, n_unroll: int, steps: int, warmup: int
     }
 
 
+def arithmetic_floor_ms(steps: int) -> dict:
+    """(b)'s FLOPs per iteration, the matmul rate of this machine, and their ratio in ms."""
+    import time
+
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.timing import quiet_trainer
+    from eblvm.bilevel.module import BilevelModule
+    from eblvm.bilevel.optim import OptimConfig
+    from eblvm.models import GRBM
+    from eblvm.objectives import ScoreMatching
+    from eblvm.posteriors import RelaxedBernoulliPosterior
+
+    pl.seed_everything(0, verbose=False)
+    spec = SETTINGS["frey"]
+    objective = ScoreMatching(higher="dsm", estimator="bism", sigma=spec["sigma"], n_lower_steps=5, n_unroll=5)
+    model, posterior = GRBM(spec["v_dim"], spec["h_dim"]), RelaxedBernoulliPosterior(spec["v_dim"], spec["h_dim"])
+    module = BilevelModule(model, posterior, objective, OptimConfig(), seed=0)
+    loader = torch.utils.data.DataLoader(torch.rand(200, spec["v_dim"]), batch_size=100, drop_last=True)
+    counter = FlopCounterMode(display=False)
+    trainer = quiet_trainer("cpu", 2, [])
+    with counter:
+        trainer.fit(module, loader)
+    flops = counter.get_total_flops() / 2
+    a, b = torch.rand(100, spec["v_dim"]), torch.rand(spec["v_dim"], spec["h_dim"])
+    for _ in range(20):
+        a @ b
+    started, repeats = time.perf_counter(), max(200, 20 * steps)
+    for _ in range(repeats):
+        a @ b
+    rate = repeats * 2 * 100 * spec["v_dim"] * spec["h_dim"] / (time.perf_counter() - started)
+    return {"gflop": flops / 1e9, "gflops_per_s": rate / 1e9, "floor_ms": 1000 * flops / rate}
+
+
 def run_isolated(args: argparse.Namespace, setting: str, estimator: str, n_unroll: int) -> dict:
     command = [sys.executable, __file__, "--single", setting, estimator, str(n_unroll)]
     command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
@@ -76,8 +116,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed iterations per measurement")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--single", nargs=3, metavar=("SETTING", "ESTIMATOR", "N_UNROLL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor:
+        print(json.dumps(arithmetic_floor_ms(args.steps)))
+        return
     if args.single:
         setting, estimator, n_unroll = args.single
         print(json.dumps(measure(setting, estimator, int(n_unroll), args.steps, args.warmup, args.device)))
@@ -90,6 +134,22 @@ def main() -> None:
         exact = run_isolated(args, setting, "exact", 0)
         ratio = bism["ms_median"] / exact["ms_median"]
         print(f"{setting:<8} {bism['ms_median']:>12.2f} {exact['ms_median']:>8.2f} {ratio:>7.1f}")
+    floor = json.loads(
+        subprocess.run(
+            [sys.executable, __file__, "--floor", "--steps", str(args.steps)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    frey = run_isolated(args, "frey", "bism", 5)["ms_median"]
+    print(
+        f"\nGRBM 560->400 BiDSM K5 N5: {floor['gflop']:.3f} GFLOP per iteration; matmul rate "
+        f"{floor['gflops_per_s']:.1f} GFLOP/s; floor {floor['floor_ms']:.2f} ms; measured {frey:.2f} ms "
+        f"= {frey / floor['floor_ms']:.2f} x the floor"
+    )
     label = "max RSS growth during training" if args.device == "cpu" else "max GPU memory allocated"
     print(f"\nGRBM 560->400 BiDSM K=5, peak memory ({label}, MiB) and ms per iteration by n_unroll")
     for n_unroll in (0, 1, 5, 10):
