@@ -14,9 +14,17 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("const", "cosine", "step")
 
 
-def _with_gradients(params: Tensors, grads: dict[str, torch.Tensor | None]) -> list[str]:
-    """The names of the parameters that have a gradient; the others keep their value and state."""
-    return [name for name in params if grads[name] is not None]
+def _decayed_gradients(
+    params: Tensors, grads: dict[str, torch.Tensor | None], group: dict
+) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+    """The names of the parameters that have a gradient (the others keep their value and state), their weights,
+    and their gradients with coupled weight decay added."""
+    names = [name for name in params if grads[name] is not None]
+    weights = [params[name] for name in names]
+    gradients = [grads[name] for name in names]
+    if names and group["weight_decay"]:
+        gradients = torch._foreach_add(gradients, weights, alpha=group["weight_decay"])
+    return names, weights, gradients
 
 
 def adam_step(
@@ -35,14 +43,10 @@ def adam_step(
     (``torch._foreach_*``) operations, a dozen operations per step whatever their number.
     """
     beta1, beta2 = group["betas"]
-    names = _with_gradients(params, grads)
+    names, weights, gradients = _decayed_gradients(params, grads, group)
     new_params, new_state = dict(params), dict(state)
     if not names:
         return new_params, new_state
-    weights = [params[name] for name in names]
-    gradients = [grads[name] for name in names]
-    if group["weight_decay"]:
-        gradients = torch._foreach_add(gradients, weights, alpha=group["weight_decay"])
     steps = [state[name]["step"] + 1 for name in names]
     exp_avg = torch._foreach_add(
         torch._foreach_mul([state[name]["exp_avg"] for name in names], beta1), gradients, alpha=1 - beta1
@@ -65,14 +69,10 @@ def sgd_step(params: Tensors, grads: dict[str, torch.Tensor | None], state: dict
     """One SGD step (``torch.optim.SGD`` semantics: weight decay, momentum with dampening, Nesterov), by
     tensor-list operations; a parameter without a gradient (None) keeps its value and its momentum, as
     ``torch.optim.SGD`` skips it."""
-    names = _with_gradients(params, grads)
+    names, weights, directions = _decayed_gradients(params, grads, group)
     new_params, new_state = dict(params), dict(state)
     if not names:
         return new_params, new_state
-    weights = [params[name] for name in names]
-    directions = [grads[name] for name in names]
-    if group["weight_decay"]:
-        directions = torch._foreach_add(directions, weights, alpha=group["weight_decay"])
     buffers = [state[name].get("momentum_buffer") for name in names]
     if group["momentum"]:
         momentum, dampening = group["momentum"], group["dampening"]
