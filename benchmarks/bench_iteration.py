@@ -30,12 +30,10 @@ SETTINGS = {
 }
 
 
-def measure(setting: str, estimator: str, n_unroll: int, steps: int, warmup: int, device: str) -> dict:
-    """Train ``warmup + steps`` iterations through Lightning; time the last ``steps``."""
+def bench_module(setting: str, estimator: str, n_unroll: int):
+    """The seeded module of ``setting``: a GRBM, a linear relaxed-Bernoulli q and DSM with ``estimator``, K = 5."""
     import pytorch_lightning as pl
-    import torch
 
-    from benchmarks.timing import BatchTimer, max_rss_mb, peak_memory_mb, quiet_trainer
     from eblvm.bilevel.module import BilevelModule
     from eblvm.bilevel.optim import OptimConfig
     from eblvm.models import GRBM
@@ -49,8 +47,17 @@ def measure(setting: str, estimator: str, n_unroll: int, steps: int, warmup: int
     )
     model = GRBM(spec["v_dim"], spec["h_dim"])
     posterior = RelaxedBernoulliPosterior(spec["v_dim"], spec["h_dim"])
-    module = BilevelModule(model, posterior, objective, OptimConfig(), seed=0)
-    data = torch.rand(100 * (steps + warmup), spec["v_dim"])
+    return BilevelModule(model, posterior, objective, OptimConfig(), seed=0)
+
+
+def measure(setting: str, estimator: str, n_unroll: int, steps: int, warmup: int, device: str) -> dict:
+    """Train ``warmup + steps`` iterations through Lightning; time the last ``steps``."""
+    import torch
+
+    from benchmarks.timing import BatchTimer, max_rss_mb, peak_memory_mb, quiet_trainer
+
+    module = bench_module(setting, estimator, n_unroll)
+    data = torch.rand(100 * (steps + warmup), SETTINGS[setting]["v_dim"])
     loader = torch.utils.data.DataLoader(data, batch_size=100, shuffle=True, drop_last=True)
     timer = BatchTimer(device)
     baseline_mb = max_rss_mb()  # after imports, model and data
@@ -72,22 +79,13 @@ def arithmetic_floor_ms(steps: int) -> dict:
     """(b)'s FLOPs per iteration, the matmul rate of this machine, and their ratio in ms."""
     import time
 
-    import pytorch_lightning as pl
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.timing import quiet_trainer
-    from eblvm.bilevel.module import BilevelModule
-    from eblvm.bilevel.optim import OptimConfig
-    from eblvm.models import GRBM
-    from eblvm.objectives import ScoreMatching
-    from eblvm.posteriors import RelaxedBernoulliPosterior
 
-    pl.seed_everything(0, verbose=False)
     spec = SETTINGS["frey"]
-    objective = ScoreMatching(higher="dsm", estimator="bism", sigma=spec["sigma"], n_lower_steps=5, n_unroll=5)
-    model, posterior = GRBM(spec["v_dim"], spec["h_dim"]), RelaxedBernoulliPosterior(spec["v_dim"], spec["h_dim"])
-    module = BilevelModule(model, posterior, objective, OptimConfig(), seed=0)
+    module = bench_module("frey", "bism", 5)
     loader = torch.utils.data.DataLoader(torch.rand(200, spec["v_dim"]), batch_size=100, drop_last=True)
     counter = FlopCounterMode(display=False)
     trainer = quiet_trainer("cpu", 2, [])
@@ -104,11 +102,15 @@ def arithmetic_floor_ms(steps: int) -> dict:
     return {"gflop": flops / 1e9, "gflops_per_s": rate / 1e9, "floor_ms": 1000 * flops / rate}
 
 
-def run_isolated(args: argparse.Namespace, setting: str, estimator: str, n_unroll: int) -> dict:
-    command = [sys.executable, __file__, "--single", setting, estimator, str(n_unroll)]
-    command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
+def run_isolated(*options: str) -> dict:
+    """This script run in a process of its own with ``options``; the JSON line it prints last."""
+    result = subprocess.run([sys.executable, __file__, *options], check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure_isolated(args: argparse.Namespace, setting: str, estimator: str, n_unroll: int) -> dict:
+    options = ["--single", setting, estimator, str(n_unroll), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    return run_isolated(*options, "--device", args.device)
 
 
 def main() -> None:
@@ -129,22 +131,15 @@ def main() -> None:
 
     print(f"ms per iteration (median of {args.steps}, after {args.warmup} warm-up), device {args.device}")
     print(f"{'setting':<8} {'BiDSM K5 N5':>12} {'DSM':>8} {'ratio':>7}")
+    bidsm_ms = {}
     for setting in SETTINGS:
-        bism = run_isolated(args, setting, "bism", 5)
-        exact = run_isolated(args, setting, "exact", 0)
+        bism = measure_isolated(args, setting, "bism", 5)
+        exact = measure_isolated(args, setting, "exact", 0)
+        bidsm_ms[setting] = bism["ms_median"]
         ratio = bism["ms_median"] / exact["ms_median"]
         print(f"{setting:<8} {bism['ms_median']:>12.2f} {exact['ms_median']:>8.2f} {ratio:>7.1f}")
-    floor = json.loads(
-        subprocess.run(
-            [sys.executable, __file__, "--floor", "--steps", str(args.steps)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
-    frey = run_isolated(args, "frey", "bism", 5)["ms_median"]
+    floor = run_isolated("--floor", "--steps", str(args.steps))
+    frey = bidsm_ms["frey"]
     print(
         f"\nGRBM 560->400 BiDSM K5 N5: {floor['gflop']:.3f} GFLOP per iteration; matmul rate "
         f"{floor['gflops_per_s']:.1f} GFLOP/s; floor {floor['floor_ms']:.2f} ms; measured {frey:.2f} ms "
@@ -153,7 +148,7 @@ def main() -> None:
     label = "max RSS growth during training" if args.device == "cpu" else "max GPU memory allocated"
     print(f"\nGRBM 560->400 BiDSM K=5, peak memory ({label}, MiB) and ms per iteration by n_unroll")
     for n_unroll in (0, 1, 5, 10):
-        result = run_isolated(args, "frey", "bism", n_unroll)
+        result = measure_isolated(args, "frey", "bism", n_unroll)
         print(f"n_unroll={n_unroll:<3} {result['peak_mb']:>9.1f} MiB {result['ms_median']:>9.2f} ms")
 
 
