@@ -93,10 +93,9 @@ class _ListOptimizer(torch.optim.Optimizer):
 
     The unroll differentiates the same functions, so a real step and an unrolled one follow one rule. One step
     costs a dozen tensor-list operations, where ``torch.optim``'s own step adds about a millisecond of Python per
-    call, which the K lower steps of every iteration pay K times.
+    call, which the K lower steps of every iteration pay K times. A subclass names its ``rule`` and gives a
+    parameter's state (``_state``), initial or kept.
     """
-
-    rule = staticmethod(adam_step)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -117,6 +116,8 @@ class _ListOptimizer(torch.optim.Optimizer):
 class Adam(_ListOptimizer):
     """``torch.optim.Adam`` (coupled weight decay, no AMSGrad) stepped by ``adam_step``; its state has Adam's keys
     (``step``, ``exp_avg``, ``exp_avg_sq``)."""
+
+    rule = staticmethod(adam_step)
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
