@@ -14,6 +14,7 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 import eblvm.config  # noqa: F401  (registers the schema that conf/train.yaml names first)
+from eblvm.ensemble import format_ensemble_summary, is_ensemble, run_ensemble
 from eblvm.errors import ConfigError, DivergenceError, Preempted
 from eblvm.run import format_summary, run
 
@@ -48,7 +49,7 @@ def main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     summary, error = None, None
     try:
-        summary = run(cfg)
+        summary = run_ensemble(cfg) if is_ensemble(cfg) else run(cfg)
     except (ConfigError, FileNotFoundError, DivergenceError, Preempted) as known:
         error = known
     except Exception as unexpected:
@@ -69,7 +70,8 @@ def main(cfg: DictConfig) -> float | None:
         if not multirun:
             sys.exit(outcome["exit_code"])
         return None  # sweepers record no value: Optuna marks the trial failed and the study goes on
-    print(format_summary(summary, cfg.paths.output_dir), flush=True)
+    show = format_ensemble_summary if is_ensemble(cfg) else format_summary
+    print(show(summary, cfg.paths.output_dir), flush=True)
     return summary.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
 
 

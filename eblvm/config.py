@@ -44,6 +44,7 @@ class TrainConfig:
     logger: Any = None
     callbacks: Any = MISSING
     paths: Any = MISSING
+    ensemble: Any = None  # size, seeds, vary: checked by eblvm.ensemble.EnsembleConfig
 
 
 def _keys_of(config_class: type) -> DictConfig:

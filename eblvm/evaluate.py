@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from eblvm.assemble import WEIGHTS, rebuild, saved_config
+from eblvm.assemble import WEIGHTS, RunParts, rebuild, saved_config
 from eblvm.checkpoints import load_checkpoint, resolve_checkpoint
 from eblvm.errors import ConfigError
 
@@ -26,6 +26,22 @@ PAPER_SETTINGS = ("evaluation.ais_temperatures=2000", "evaluation.ais_chains=200
 PAPER_IMAGE_SETTINGS = ("evaluation.fid_samples=50000",)
 CHANGEABLE = ("evaluation.", "sampling.")
 SPLITS = ("test", "val")
+
+
+def evaluation_trainer(parts: RunParts, out: Path, device: str = "cpu", **settings) -> pl.Trainer:
+    """A Trainer that only evaluates: ``parts``' evaluation callbacks, no logger and no checkpoints, figures under
+    ``out``; ``settings`` are further ``pl.Trainer`` arguments (e.g. ``limit_val_batches``)."""
+    return pl.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        logger=False,
+        callbacks=list(parts.evaluation_callbacks),  # the Trainer adds its own to the list
+        inference_mode=False,  # scores are gradients
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(out),
+        **settings,
+    )
 
 
 def evaluate(
@@ -55,16 +71,7 @@ def evaluate(
     parts = trained.parts
     out = out or file.parent.parent / "evaluation" / file.stem
     out.mkdir(parents=True, exist_ok=True)
-    trainer = pl.Trainer(
-        accelerator="gpu" if device.startswith("cuda") else "cpu",
-        devices=1,
-        logger=False,
-        callbacks=list(parts.evaluation_callbacks),  # the Trainer adds its own to the list
-        inference_mode=False,  # scores are gradients
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(out),
-    )
+    trainer = evaluation_trainer(parts, out, device)
     module = parts.module(trained.config)
     start = time.perf_counter()
     run_split = trainer.test if split == "test" else trainer.validate

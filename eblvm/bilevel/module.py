@@ -85,18 +85,21 @@ class BilevelModule(pl.LightningModule):
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
         self._validation_generator: torch.Generator | None = None
+        self.evaluation_optimizer: torch.optim.Optimizer | None = None  # ``posterior_optimizer`` outside fit
 
     # randomness -----------------------------------------------------------------------------------------------
     @property
     def generator(self) -> torch.Generator:
         """This rank's training noise generator, created on the module's device and seeded ``seed + rank``."""
         if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-            self._generator.manual_seed(self.seed + self.global_rank)
+            self._generator = self._new_generator()
             if self._generator_state is not None:
                 self._generator.set_state(self._generator_state)
                 self._generator_state = None
         return self._generator
+
+    def _new_generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
 
     def evaluation_generator(self, stream: int, per_rank: bool = True) -> torch.Generator:
         """A fresh generator on the module's device for evaluation stream ``stream``, seeded from
@@ -157,6 +160,15 @@ class BilevelModule(pl.LightningModule):
         if self.trains_posterior:
             optimizers.append(self.optim.optimizer(self.posterior.parameters(), self.optim.posterior_lr))
         return optimizers, [self.optim.scheduler_for(opt, total_steps) for opt in optimizers]
+
+    def posterior_optimizer(self) -> torch.optim.Optimizer | None:
+        """q's optimizer, whose state the next lower steps continue (the gradient bias starts from it): the
+        trainer's while it fits, else ``evaluation_optimizer`` (an ensemble member's, given by the ensemble); None
+        when q has no weights."""
+        if not self.trains_posterior:
+            return None
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        return optimizers[1] if len(optimizers) > 1 else self.evaluation_optimizer
 
     def _as_list(self, things) -> list:
         return list(things) if isinstance(things, list | tuple) else [things]
@@ -227,10 +239,19 @@ class BilevelModule(pl.LightningModule):
             loss = self.objective.lower_loss(frozen, q, v, self.generator)
             optimizer.zero_grad(set_to_none=True)
             self._backward(loss)
-            checks += [("lower loss", loss.detach()), ("lower gradient norm", self._grad_norm(q_params))]
-            optimizer.optimizer.step()  # the raw optimizer: global_step counts energy steps only
+            step_checks = [("lower loss", loss.detach()), ("lower gradient norm", self._grad_norm(q_params))]
+            self._step_lower(optimizer.optimizer, step_checks)  # the raw optimizer: global_step counts energy steps
+            checks += step_checks
         scheduler.step()
         return checks
+
+    def _step_lower(self, optimizer: torch.optim.Optimizer, checks: list[tuple[str, torch.Tensor]]) -> None:
+        """One real step of q; its finiteness is decided with the iteration's."""
+        optimizer.step()
+
+    def _clip(self, optimizer) -> None:
+        """Clip the energy's gradient norm to ``optim.clip_grad_norm``."""
+        self.clip_gradients(optimizer, self.optim.clip_grad_norm, "norm")
 
     def _writes_log_row(self) -> bool:
         """Whether Lightning writes a row of logged metrics after this step (every ``trainer.log_every_n_steps``):
@@ -264,7 +285,7 @@ class BilevelModule(pl.LightningModule):
             return
         self._consecutive_skips = 0
         if self.optim.clip_grad_norm is not None:
-            self.clip_gradients(optimizers[0], self.optim.clip_grad_norm, "norm")
+            self._clip(optimizers[0])
         optimizers[0].step()
         schedulers[0].step()
         if self._writes_log_row():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,17 +15,46 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("const", "cosine", "step")
 
 
+def member_learning_rates(group: dict) -> float | torch.Tensor:
+    """The group's learning rate: ``group["lr"]``, or for an ensemble's group (``lr_scale``, ``lr_shift`` and
+    ``member_mask``, tensors with one value per member) each member's own rate ``(a_k·lr + b_k)·mask_k``.
+
+    ``lr`` follows the schedule of the configured rate; ``a_k`` and ``b_k`` map it onto member ``k``'s schedule,
+    exactly for the schedules eblvm has (each is affine in its initial rate; see ``OptimConfig.member_rates``),
+    and a masked member's rate is 0, so its parameters stay as they are.
+    """
+    if "lr_scale" not in group:
+        return group["lr"]
+    return (group["lr_scale"] * group["lr"] + group["lr_shift"]) * group["member_mask"]
+
+
+def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` (S,) shaped to broadcast over a stacked tensor ``like`` (S, ...)."""
+    return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
 def _decayed_gradients(
     params: Tensors, grads: dict[str, torch.Tensor | None], group: dict
 ) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
     """The names of the parameters that have a gradient (the others keep their value and state), their weights,
-    and their gradients with coupled weight decay added."""
+    and their gradients with coupled weight decay added (in an ensemble, zero for a masked member, so that no
+    non-finite value reaches its state)."""
     names = [name for name in params if grads[name] is not None]
     weights = [params[name] for name in names]
     gradients = [grads[name] for name in names]
+    if "member_mask" in group:
+        mask = group["member_mask"]
+        gradients = [torch.where(_per_member(mask, grad), grad, 0.0) for grad in gradients]
     if names and group["weight_decay"]:
         gradients = torch._foreach_add(gradients, weights, alpha=group["weight_decay"])
     return names, weights, gradients
+
+
+def _scaled(tensors: list[torch.Tensor], factors: list[float], rates: float | torch.Tensor) -> list[torch.Tensor]:
+    """``tensors[i] · factors[i] · rates``, with ``rates`` a learning rate or an ensemble's one rate per member."""
+    if isinstance(rates, torch.Tensor):
+        return torch._foreach_mul(tensors, [_per_member(rates, t) * f for t, f in zip(tensors, factors, strict=True)])
+    return torch._foreach_mul(tensors, [rates * factor for factor in factors])
 
 
 def adam_step(
@@ -56,9 +86,11 @@ def adam_step(
     )
     corrected_sq = torch._foreach_div(exp_avg_sq, [1 - beta2**step for step in steps])
     denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_add(corrected_sq, sqrt_stabiliser)), group["eps"])
-    step_sizes = [-group["lr"] / (1 - beta1**step) for step in steps]
+    step_sizes = [-1 / (1 - beta1**step) for step in steps]
     # (torch._foreach_addcdiv with a list of scalars has no correct backward in torch 2.14: kept apart)
-    updated = torch._foreach_add(weights, torch._foreach_mul(torch._foreach_div(exp_avg, denom), step_sizes))
+    updated = torch._foreach_add(
+        weights, _scaled(torch._foreach_div(exp_avg, denom), step_sizes, member_learning_rates(group))
+    )
     for name, weight, step, m, v in zip(names, updated, steps, exp_avg, exp_avg_sq, strict=True):
         new_params[name] = weight
         new_state[name] = {"step": step, "exp_avg": m, "exp_avg_sq": v}
@@ -81,7 +113,11 @@ def sgd_step(params: Tensors, grads: dict[str, torch.Tensor | None], state: dict
             for grad, buffer in zip(directions, buffers, strict=True)
         ]
         directions = torch._foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else buffers
-    updated = torch._foreach_add(weights, directions, alpha=-group["lr"])
+    rates = member_learning_rates(group)
+    if isinstance(rates, torch.Tensor):
+        updated = torch._foreach_add(weights, _scaled(directions, [-1.0] * len(directions), rates))
+    else:
+        updated = torch._foreach_add(weights, directions, alpha=-rates)
     for name, weight, buffer in zip(names, updated, buffers, strict=True):
         new_params[name] = weight
         new_state[name] = {"momentum_buffer": buffer}
@@ -179,6 +215,18 @@ class OptimConfig:
             self.clip_grad_norm,
             "must be > 0, or null to disable clipping",
         )
+
+    def member_rates(self, lr: float, member_lrs: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)``, one value per member, with ``a_k·r(t) + b_k`` member ``k``'s learning rate at every step when
+        ``r(t)`` is the schedule starting from ``lr`` (``member_learning_rates``).
+
+        Every schedule here is affine in its initial rate, ``r(t) = m + (lr − m)·c(t)`` with ``m = min_lr`` for
+        ``cosine`` and 0 for ``const`` and ``step``; so ``a_k = (lr_k − m)/(lr − m)`` and ``b_k = m(1 − a_k)``.
+        """
+        floor = self.min_lr if self.scheduler == "cosine" else 0.0
+        require(lr != floor, "lr", lr, f"must differ from optim.min_lr={floor} for members to have their own rates")
+        scale = torch.tensor([(member_lr - floor) / (lr - floor) for member_lr in member_lrs])
+        return scale, floor * (1 - scale)
 
     def optimizer(self, params, lr: float) -> torch.optim.Optimizer:
         if self.name == "adam":

@@ -82,6 +82,7 @@ def unroll(
     params = {name: p.detach().requires_grad_(True) for name, p in named.items()}
     for _ in range(n_steps):
         loss = lower_loss(BoundPosterior(posterior, params))
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+        # an ensemble's loss has one value per member: their sum's gradient is each member's own
+        grads = torch.autograd.grad(loss.sum(), list(params.values()), create_graph=True, allow_unused=True)
         params, state = step_fn(params, dict(zip(params, grads, strict=True)), state, group)
     return BoundPosterior(posterior, params)

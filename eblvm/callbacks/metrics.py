@@ -133,12 +133,11 @@ class GradientBias(EvaluationCallback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx != 0:
             return
-        optimizer = trainer.optimizers[1] if pl_module.trains_posterior else None
         with torch.enable_grad():
             result = gradient_bias(
                 pl_module.model,
                 pl_module.posterior,
-                optimizer,
+                pl_module.posterior_optimizer(),
                 pl_module.objective,
                 batch[: self.evaluation.gradient_bias_batch],
                 repeats=self.evaluation.gradient_bias_repeats,

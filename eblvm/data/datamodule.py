@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchdata.stateful_dataloader import Stateful, StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import BatchSampler, RandomSampler, StatefulDistributedSampler
 
 from eblvm.checkpoints import gather_rank_states, own_rank_state
 from eblvm.data.splits import Splits
 from eblvm.errors import require
 
+SHUFFLE_STREAM = 1 << 20  # keeps the shuffling generator apart from the others seeded from the run's seed
+
 
 class Rows(Dataset):
     """The rows of one (N, d) tensor; a batch is fetched by one indexing operation (``__getitems__``), not row by
-    row and stacked, in the order the loader's sampler gives."""
+    row and stacked, in the order the loader's sampler gives. With ``members = S`` the indices are S members'
+    batches one after the other, and the batch is ``(S, B, d)``."""
 
-    def __init__(self, data: torch.Tensor):
+    def __init__(self, data: torch.Tensor, members: int | None = None):
         self.data = data
+        self.members = members
 
     def __len__(self) -> int:
         return len(self.data)
@@ -33,7 +37,44 @@ class Rows(Dataset):
         return self.data[index]
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return self.data[indices]
+        rows = self.data[indices]
+        return rows if self.members is None else rows.view(self.members, -1, rows.shape[-1])
+
+
+class MemberBatches(Sampler[list[int]]):
+    """The batches of an ensemble's members, each from a shuffling generator of its own: batch ``t`` is the
+    concatenation of every member's batch ``t``, as the run with that member's seed alone draws it. Its iterator
+    keeps each member's position and generator state, so a resumed ensemble sees the same batches."""
+
+    def __init__(self, members: list[BatchSampler]):
+        self.members = members
+
+    def __iter__(self):
+        return _MemberBatchesIterator([iter(member) for member in self.members])
+
+    def __len__(self) -> int:
+        return len(self.members[0])
+
+
+class _MemberBatchesIterator(Iterator[list[int]], Stateful):
+    def __init__(self, iterators: list):
+        self.iterators = iterators
+
+    def __next__(self) -> list[int]:
+        return [index for iterator in self.iterators for index in next(iterator)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"members": [iterator.state_dict() for iterator in self.iterators]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for iterator, state in zip(self.iterators, state_dict["members"], strict=True):
+            iterator.load_state_dict(state)
+
+
+def shuffle_generator(seed: int) -> torch.Generator:
+    """The generator that shuffles the training rows of the run seeded ``seed`` (a stream of its own)."""
+    state = np.random.SeedSequence([seed, SHUFFLE_STREAM]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def _batch(rows: torch.Tensor) -> torch.Tensor:
@@ -122,6 +163,7 @@ class EBLVMDataModule(pl.LightningDataModule):
         self.random_flip = random_flip
         self.train_data = torch.cat([splits.train, splits.val]) if train_on_val else splits.train
         self._flip_generator: torch.Generator | None = None
+        self.shuffle_seeds: list[int] | None = None  # an ensemble's member seeds (``train_dataloader``)
 
     @property
     def dim(self) -> int:
@@ -139,11 +181,11 @@ class EBLVMDataModule(pl.LightningDataModule):
             return torch.cat([labels, self.splits.val_labels])
         return labels
 
-    def _loader(self, data: torch.Tensor, batch_size: int, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
+    def _loader(self, data: torch.Tensor, batch_size: int, drop_last: bool, sampler=None) -> DataLoader:
         return StatefulDataLoader(
             Rows(data),
             batch_size=batch_size,
-            shuffle=shuffle if sampler is None else None,
+            shuffle=False if sampler is None else None,
             sampler=sampler,
             drop_last=drop_last,
             collate_fn=_batch,
@@ -152,11 +194,26 @@ class EBLVMDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; under DDP each rank takes its share of one permutation per epoch through a
-        sampler whose state (epoch and position) checkpoints keep, so a resumed DDP run sees the same batches."""
+        """Shuffled training batches, from a generator seeded with the run's seed (``shuffle_generator``); under
+        DDP each rank takes its share of one permutation per epoch. The sampler's state (position, generator,
+        epoch) is in checkpoints, so a resumed run sees the same batches. With ``shuffle_seeds`` (an ensemble's
+        member seeds) a batch is ``(S, B, d)``: each member's batch, shuffled as its seed alone would."""
         drop_last = len(self.train_data) >= self.batch_size
         world_size = self.trainer.world_size if self.trainer is not None else 1
-        sampler = None
+        if self.shuffle_seeds is not None:
+            require(world_size == 1, "trainer.devices", world_size, "an ensemble trains in one process: use 1")
+            members = [
+                BatchSampler(RandomSampler(Rows(self.train_data), generator=shuffle_generator(seed)),
+                             self.batch_size, drop_last)
+                for seed in self.shuffle_seeds
+            ]
+            return StatefulDataLoader(
+                Rows(self.train_data, members=len(members)),
+                batch_sampler=MemberBatches(members),
+                collate_fn=_batch,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
         if world_size > 1:
             sampler = ResumableDistributedSampler(
                 Rows(self.train_data),
@@ -165,13 +222,15 @@ class EBLVMDataModule(pl.LightningDataModule):
                 seed=_lightning_seed(),
                 drop_last=True,
             )
-        return self._loader(self.train_data, self.batch_size, shuffle=True, drop_last=drop_last, sampler=sampler)
+        else:
+            sampler = RandomSampler(Rows(self.train_data), generator=shuffle_generator(_lightning_seed()))
+        return self._loader(self.train_data, self.batch_size, drop_last=drop_last, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.val, self.eval_batch_size, shuffle=False, drop_last=False)
+        return self._loader(self.splits.val, self.eval_batch_size, drop_last=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.test, self.eval_batch_size, shuffle=False, drop_last=False)
+        return self._loader(self.splits.test, self.eval_batch_size, drop_last=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``random_flip``, mirror each image of a training batch with probability 1/2."""

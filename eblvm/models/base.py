@@ -27,7 +27,10 @@ class EnergyModel(nn.Module):
       sampling);
     - ``has_exact_posterior``: ``exact_posterior(v)``, the true ``p(h|v)`` as a ``torch.distributions`` object,
       to compare a variational posterior with;
-    - ``image_shape``: ``(C, H, W)`` when ``v`` holds flattened images (sample grids, FID), else None.
+    - ``image_shape``: ``(C, H, W)`` when ``v`` holds flattened images (sample grids, FID), else None;
+    - ``member_methods``: the methods an ensemble maps over its members (docs/methods.md §6), each with where the
+      member axis goes in its outputs (``eblvm.noise.ROWS`` or ``VALUES``); a model that lists none trains alone.
+      The other methods must reach the parameters only through the listed ones.
     """
 
     latent_type: str = "continuous"  # "binary" or "continuous": the posteriors it can be paired with
@@ -37,6 +40,7 @@ class EnergyModel(nn.Module):
     has_gibbs_sampler: bool = False
     has_exact_posterior: bool = False
     image_shape: tuple[int, int, int] | None = None
+    member_methods: dict[str, int] = {}
     v_dim: int
     h_dim: int
 

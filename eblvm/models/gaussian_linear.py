@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from eblvm.models.base import EnergyModel
+from eblvm.noise import ROWS, VALUES
 
 
 class GaussianLinear(EnergyModel):
@@ -31,6 +32,13 @@ class GaussianLinear(EnergyModel):
     has_free_energy = True
     has_exact_log_partition = True
     has_exact_posterior = True
+    # the posterior covariance (m×m, one per member) stacks as (S, m, m), third from the end like a row tensor
+    member_methods = {
+        "forward": VALUES,
+        "free_energy": VALUES,
+        "score": ROWS,
+        "posterior_mean_and_covariance": ROWS,
+    }
 
     def __init__(self, v_dim: int, h_dim: int, learn_sigma: bool = True, sigma_init: float = 1.0):
         super().__init__()

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eblvm import noise
 from eblvm.errors import require
 from eblvm.models.base import EnergyModel
+from eblvm.noise import ROWS, VALUES
 
 
 class GRBM(EnergyModel):
@@ -26,6 +28,14 @@ class GRBM(EnergyModel):
     has_ais = True
     has_gibbs_sampler = True
     has_exact_posterior = True
+    member_methods = {
+        "forward": VALUES,
+        "free_energy": VALUES,
+        "score": ROWS,
+        "hidden_logits": ROWS,
+        "visible_mean": ROWS,
+        "visible_from_noise": ROWS,
+    }
 
     def __init__(self, v_dim: int, h_dim: int, learn_sigma: bool = True, sigma_init: float = 1.0):
         super().__init__()
@@ -65,15 +75,18 @@ class GRBM(EnergyModel):
         """``E[v | h] = b + σ² ⊙ (W h)``."""
         return self.b + self.variance * (h @ self.W.T)
 
-    def sample_visible(self, h: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``v ~ N(b + σ² ⊙ W h, diag σ²)``."""
-        noise = torch.randn(h.shape[:-1] + (self.v_dim,), generator=generator, device=h.device, dtype=h.dtype)
-        return self.visible_mean(h) + torch.exp(self.log_sigma) * noise
+    def visible_from_noise(self, h: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """``b + σ² ⊙ W h + σ ⊙ ε``: a draw of ``p(v|h)`` from standard normal ``ε``."""
+        return self.visible_mean(h) + torch.exp(self.log_sigma) * eps
 
-    def sample_hidden(self, v: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_visible(self, h: torch.Tensor, generator: noise.Generator = None) -> torch.Tensor:
+        """``v ~ N(b + σ² ⊙ W h, diag σ²)``."""
+        return self.visible_from_noise(h, noise.gaussian(h.shape[:-1] + (self.v_dim,), generator, h))
+
+    def sample_hidden(self, v: torch.Tensor, generator: noise.Generator = None) -> torch.Tensor:
         """``h_j ~ Bernoulli(sigmoid(c_j + (Wᵀv)_j))``."""
         probs = torch.sigmoid(self.hidden_logits(v))
-        return (torch.rand(probs.shape, generator=generator, device=v.device, dtype=v.dtype) < probs).to(v.dtype)
+        return (noise.uniform(probs.shape, generator, v) < probs).to(v.dtype)
 
     def log_partition(self, chunk_size: int = 1 << 14) -> torch.Tensor:
         """Exact ``log Z`` by summing over all ``2^m`` hidden states, with ``v`` integrated out.

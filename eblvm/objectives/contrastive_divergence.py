@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from eblvm.errors import require
+from eblvm.members import batch_mean
 from eblvm.models.base import EnergyModel
 from eblvm.objectives.base import Objective, require_gibbs_sampler
 
@@ -37,7 +38,7 @@ class ContrastiveDivergence(Objective):
         return visible, hidden
 
     def _loss(self, model: EnergyModel, v: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-        return model.free_energy(v).mean() - model.free_energy(negatives).mean()
+        return batch_mean(model.free_energy(v), v) - batch_mean(model.free_energy(negatives), v)
 
     def higher_loss(self, model: EnergyModel, q, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         start = self.chain if self.persistent and self.chain.numel() else model.sample_hidden(v.detach(), generator)

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eblvm import noise
 from eblvm.errors import require, require_choice
+from eblvm.members import batch_mean
 from eblvm.objectives.base import Objective, require_free_energy
 from eblvm.objectives.lower import importance_weighted_loss
 
@@ -51,12 +53,12 @@ class NoiseContrastiveEstimation(Objective):
         return (-0.5 * z**2 - torch.log(self.noise_std) - 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def _noise_samples(self, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        shape = (self.noise_ratio * v.shape[0], v.shape[1])
-        eps = torch.randn(shape, generator=generator, device=v.device, dtype=v.dtype)
-        return self.noise_mean + self.noise_std * eps
+        shape = v.shape[:-2] + (self.noise_ratio * v.shape[-2], v.shape[-1])
+        return self.noise_mean + self.noise_std * noise.gaussian(shape, generator, v)
 
     def _logit(self, log_density: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return log_density - self.log_normalizer - math.log(self.noise_ratio) - self._noise_log_prob(x)
+        # c has one value per member in an ensemble: it meets the per-row values (..., S, B) on the member axis
+        return log_density - self.log_normalizer.unsqueeze(-1) - math.log(self.noise_ratio) - self._noise_log_prob(x)
 
     def log_density(self, model, q, x: torch.Tensor, n_particles: int, generator: torch.Generator):
         """``log p̃(x)``; NCE uses the exact ``−F(x)``."""
@@ -66,7 +68,7 @@ class NoiseContrastiveEstimation(Objective):
         noise = self._noise_samples(v, generator)
         data_logit = self._logit(self.log_density(model, q, v, 1, generator), v)
         noise_logit = self._logit(self.log_density(model, q, noise, self.n_noise_particles, generator), noise)
-        return -(F.logsigmoid(data_logit).mean() + self.noise_ratio * F.logsigmoid(-noise_logit).mean())
+        return -(batch_mean(F.logsigmoid(data_logit), v) + self.noise_ratio * batch_mean(F.logsigmoid(-noise_logit), v))
 
 
 class VariationalNCE(NoiseContrastiveEstimation):
@@ -100,4 +102,4 @@ class VariationalNCE(NoiseContrastiveEstimation):
 
     def lower_loss(self, energy, q, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The negative ELBO on clean data: ``mean_v −[−E(v,h) − log q(h|v)]`` with one ``h ~ q(·|v)``."""
-        return importance_weighted_loss(energy, q, v, 1, generator).mean()
+        return batch_mean(importance_weighted_loss(energy, q, v, 1, generator), v)

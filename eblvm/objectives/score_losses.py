@@ -1,10 +1,11 @@
 """Score-matching losses as parts: each owns its noise (perturbation and levels) and its row weights.
 
 A loss is called with a score function and a clean batch, ``loss(score_fn, v, generator)``, draws its own noise
-from ``generator`` and returns the batch mean; with per-particle scores ``(L, B, d)`` the per-particle losses are
-averaged too. ``perturb`` gives the input the score is evaluated at (the lower level fits q on the same kind of
-input) and ``row_weights`` the weights of the lower loss's rows. ``residual`` is the detached vector ``z`` with
-``∂loss/∂s = z`` per row, for estimators that form a surrogate ``zᵀ·ĝ`` instead of differentiating a score.
+from ``generator`` and returns the batch mean (``batch_mean``: one per member for an ensemble's ``(S, B, d)``
+batch); with per-particle scores ``(L, B, d)`` the per-particle losses are averaged too. ``perturb`` gives the
+input the score is evaluated at (the lower level fits q on the same kind of input) and ``row_weights`` the
+weights of the lower loss's rows. ``residual`` is the detached vector ``z`` with ``∂loss/∂s = z`` per row, for
+estimators that form a surrogate ``zᵀ·ĝ`` instead of differentiating a score.
 
 Adding a loss: a subclass here and its entry in ``SCORE_LOSSES``; ``objective.higher=<name>`` selects it.
 """
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from eblvm import noise
 from eblvm.errors import require, require_choice
+from eblvm.members import batch_mean
 
 NOISE_GRIDS = ("linear", "geometric")
 PROBES = ("rademacher", "gaussian")
@@ -37,10 +40,6 @@ class Perturbation:
 
 def _with_grad(v: torch.Tensor) -> torch.Tensor:
     return v if v.requires_grad else v.detach().requires_grad_(True)
-
-
-def _gaussian(v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype)
 
 
 def _input_gradient(total: torch.Tensor, v: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
@@ -90,7 +89,7 @@ def score_matching(score_fn: ScoreFn, v: torch.Tensor) -> torch.Tensor:
     v = _with_grad(v)
     score = score_fn(v)
     trace = sum(_input_gradient(score[..., i].sum(), v, score)[..., i] for i in range(v.shape[-1]))
-    return 0.5 * (score**2).sum(-1).mean() + trace.mean()
+    return batch_mean(0.5 * (score**2).sum(-1) + trace, v)
 
 
 class SlicedSM(ScoreLoss):
@@ -107,38 +106,41 @@ class SlicedSM(ScoreLoss):
 
     def draw_probe(self, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.probe == "gaussian":
-            return _gaussian(v, generator)
-        bits = torch.randint(0, 2, v.shape, generator=generator, device=v.device)
-        return (2 * bits - 1).to(v.dtype)
+            return noise.gaussian(v.shape, generator, v)
+        return noise.signs(v.shape, generator, v)
 
     def with_probe(self, score_fn: ScoreFn, v: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
         """The loss for a given projection ``probe`` (shape of ``v``)."""
         v = _with_grad(v)
         score = score_fn(v)
         trace_estimate = (probe * _input_gradient((probe * score).sum(), v, score)).sum(-1)
-        return 0.5 * (score**2).sum(-1).mean() + trace_estimate.mean()
+        return batch_mean(0.5 * (score**2).sum(-1) + trace_estimate, v)
 
     def __call__(self, score_fn: ScoreFn, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.with_probe(score_fn, v, self.draw_probe(v, generator))
 
 
 class DenoisingSM(ScoreLoss):
-    """DSM (BiDSM with the BiSM estimator): ``½‖s(ṽ) + ε/σ‖²`` with ``ṽ = v + σε``, ``ε ~ N(0, I)``."""
+    """DSM (BiDSM with the BiSM estimator): ``½‖s(ṽ) + ε/σ‖²`` with ``ṽ = v + σε``, ``ε ~ N(0, I)``.
+
+    ``sigma`` is one level, or in an ensemble whose members vary it a tensor of one level per member.
+    """
 
     name = "dsm"
     noised = True
 
     def __init__(self, sigma: float = 0.05):
         require(sigma > 0, "sigma", sigma, "noise levels must be > 0")
-        self.sigma = sigma
+        self.sigma: float | torch.Tensor = sigma
 
     def levels(self, v: torch.Tensor) -> torch.Tensor:
-        """The noise level of every row, shape ``(B, 1)``."""
-        return torch.full((v.shape[0], 1), self.sigma, device=v.device, dtype=v.dtype)
+        """The noise level of every row, shape ``(B, 1)`` (``(S, B, 1)`` for an ensemble's batch)."""
+        sigma = torch.as_tensor(self.sigma, device=v.device, dtype=v.dtype)
+        return sigma.reshape(sigma.shape + (1, 1)).expand(v.shape[:-1] + (1,))
 
     def perturb(self, v: torch.Tensor, generator: torch.Generator) -> Perturbation:
         sigma = self.levels(v)
-        eps = _gaussian(v, generator)
+        eps = noise.gaussian(v.shape, generator, v)
         return Perturbation(v + sigma * eps, eps, sigma)
 
     def residual(self, score: torch.Tensor, perturbation: Perturbation) -> torch.Tensor:
@@ -147,7 +149,7 @@ class DenoisingSM(ScoreLoss):
     def at(self, score_fn: ScoreFn, perturbation: Perturbation) -> torch.Tensor:
         """The loss at a given perturbation (noise shared with another evaluation)."""
         score = score_fn(_with_grad(perturbation.inputs))
-        return 0.5 * ((score + perturbation.noise / perturbation.sigma) ** 2).sum(-1).mean()
+        return batch_mean(0.5 * ((score + perturbation.noise / perturbation.sigma) ** 2).sum(-1), perturbation.inputs)
 
     def __call__(self, score_fn: ScoreFn, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.at(score_fn, self.perturb(v, generator))
@@ -173,7 +175,7 @@ class MultiscaleDSM(DenoisingSM):
         self.sigma_begin, self.sigma_end, self.noise_grid, self.sigma0 = sigma_begin, sigma_end, noise_grid, sigma0
 
     def levels(self, v: torch.Tensor) -> torch.Tensor:
-        batch = v.shape[0]
+        batch = v.shape[-2]
         if self.noise_grid == "linear":
             grid = torch.linspace(self.sigma_begin, self.sigma_end, batch, device=v.device, dtype=v.dtype)
         else:
@@ -184,7 +186,7 @@ class MultiscaleDSM(DenoisingSM):
         return grid[:, None]
 
     def row_weights(self, perturbation: Perturbation) -> torch.Tensor:
-        return 1 / perturbation.sigma[:, 0]
+        return 1 / perturbation.sigma[..., 0]
 
     def residual(self, score: torch.Tensor, perturbation: Perturbation) -> torch.Tensor:
         sigma = perturbation.sigma
@@ -193,7 +195,7 @@ class MultiscaleDSM(DenoisingSM):
     def at(self, score_fn: ScoreFn, perturbation: Perturbation) -> torch.Tensor:
         score = score_fn(_with_grad(perturbation.inputs))
         sigma, eps = perturbation.sigma, perturbation.noise
-        return 0.5 * ((score / sigma + eps / self.sigma0**2) ** 2).sum(-1).mean()
+        return batch_mean(0.5 * ((score / sigma + eps / self.sigma0**2) ** 2).sum(-1), perturbation.inputs)
 
 
 SCORE_LOSSES: dict[str, type[ScoreLoss]] = {"sm": ExactSM, "ssm": SlicedSM, "dsm": DenoisingSM, "mdsm": MultiscaleDSM}

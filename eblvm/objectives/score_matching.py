@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from eblvm.errors import ConfigError, require, require_choice
+from eblvm.members import batch_mean
 from eblvm.models.base import EnergyModel
 from eblvm.objectives.base import Objective
 from eblvm.objectives.estimators import ESTIMATORS, Energy, ExactScore, ScoreEstimator
@@ -105,4 +106,4 @@ class ScoreMatching(Objective):
         perturbation = self.loss.perturb(v, generator)
         per_row = self.lower(energy, q, perturbation.inputs, generator)
         weights = self.loss.row_weights(perturbation)
-        return (per_row if weights is None else per_row * weights).mean()
+        return batch_mean(per_row if weights is None else per_row * weights, v)

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from eblvm import noise
+from eblvm.noise import ROWS
+
 Dist = torch.Tensor | tuple[torch.Tensor, ...]
 
 
@@ -21,9 +24,10 @@ class Posterior(nn.Module):
     """
 
     latent_type: str = "continuous"
+    member_methods: dict[str, int] = {"forward": ROWS}  # what an ensemble maps over its members (EnergyModel's)
     h_dim: int
 
-    def rsample(self, dist: Dist, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def rsample(self, dist: Dist, n_samples: int, generator: noise.Generator = None) -> torch.Tensor:
         """``n_samples`` reparameterised draws, shape ``(n_samples, B, m)``."""
         raise NotImplementedError
 
@@ -64,7 +68,7 @@ class BoundPosterior:
             return self.module(v)
         return functional_call(self.module, dict(self.params), (v,))
 
-    def rsample(self, dist: Dist, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def rsample(self, dist: Dist, n_samples: int, generator: noise.Generator = None) -> torch.Tensor:
         return self.module.rsample(dist, n_samples, generator)
 
     def latent(self, sample: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eblvm import noise
 from eblvm.errors import require, require_choice
 from eblvm.models.base import EnergyModel
 from eblvm.posteriors.base import Posterior, tanh_mlp
@@ -52,8 +53,8 @@ class BernoulliFamily(Posterior):
             sample,
         )
 
-    def rsample(self, logits: torch.Tensor, n_samples: int, generator: torch.Generator | None = None):
-        u = torch.rand((n_samples,) + logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    def rsample(self, logits: torch.Tensor, n_samples: int, generator: noise.Generator = None):
+        u = noise.uniform((n_samples,) + logits.shape, generator, logits)
         if self.sample_kind == "binary":
             return (u < torch.sigmoid(logits)).to(logits.dtype)
         logistic = torch.logit(u.clamp_(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps))  # log u − log(1−u)

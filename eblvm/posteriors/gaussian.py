@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from eblvm import noise
 from eblvm.errors import require
 from eblvm.posteriors.base import Posterior, tanh_mlp
 
@@ -27,9 +28,9 @@ class GaussianPosterior(Posterior):
         mean, log_std = self.net(v).chunk(2, dim=-1)
         return mean, log_std
 
-    def rsample(self, dist, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def rsample(self, dist, n_samples: int, generator: noise.Generator = None) -> torch.Tensor:
         mean, log_std = dist
-        eps = torch.randn((n_samples,) + mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        eps = noise.gaussian((n_samples,) + mean.shape, generator, mean)
         return mean + torch.exp(log_std) * eps
 
     def log_prob(self, sample: torch.Tensor, dist, h: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from eblvm import noise
 from eblvm.errors import require
 from eblvm.models.base import EnergyModel
 from eblvm.posteriors.base import Posterior
@@ -19,8 +20,8 @@ class ExactGaussianLinearPosterior(Posterior):
     For diagnostics and tests; any continuous-latent model with an exact posterior whose mean and covariance it
     gives by ``posterior_mean_and_covariance(v)``. They follow the model's current parameters. ``forward(v)``
     returns ``(μ, L)``: the mean ``(..., B, m)`` and the lower Cholesky factor ``L`` of ``Σ = LLᵀ``, shape
-    ``(m, m)`` or ``(..., B, m, m)``, broadcast against the mean. Draws are ``μ + Lε``, ``ε ~ N(0, I)``, so they
-    are reparameterised in the model's parameters.
+    ``(1, m, m)`` (one for all rows; ``(S, 1, m, m)`` in an ensemble), broadcast against the mean. Draws are
+    ``μ + Lε``, ``ε ~ N(0, I)``, so they are reparameterised in the model's parameters.
     """
 
     latent_type = "continuous"
@@ -42,11 +43,11 @@ class ExactGaussianLinearPosterior(Posterior):
 
     def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, covariance = self._mean_and_covariance(v)
-        return mean, torch.linalg.cholesky(covariance)
+        return mean, torch.linalg.cholesky(covariance).unsqueeze(-3)
 
-    def rsample(self, dist, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def rsample(self, dist, n_samples: int, generator: noise.Generator = None) -> torch.Tensor:
         mean, scale_tril = dist
-        eps = torch.randn((n_samples,) + mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        eps = noise.gaussian((n_samples,) + mean.shape, generator, mean)
         return mean + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
 
     def log_prob(self, sample: torch.Tensor, dist, h: torch.Tensor | None = None) -> torch.Tensor:

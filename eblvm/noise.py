@@ -1,0 +1,73 @@
+"""Every random draw of training goes through here, from one generator or from an ensemble's members' generators.
+
+A run draws from a ``torch.Generator``. An ensemble of ``S`` runs (docs/methods.md §6) draws from
+``MemberGenerators``: member ``k`` draws what the run with its seed alone would, from its own generator, and the
+draws are stacked on the member axis. Noise is drawn for row tensors, shape ``(..., B, x)``, which in an ensemble
+are ``(..., S, B, x)``: the member axis is third from the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+# Where the member axis sits, from the end: in a row tensor (..., S, B, x) and in per-row values (..., S, B).
+ROWS, VALUES = -3, -2
+MEMBER_AXIS = ROWS
+
+
+class MemberGenerators:
+    """One ``torch.Generator`` per ensemble member, seeded with the members' seeds, on one device.
+
+    ``get_state`` and ``set_state`` take the stacked ``(S, n)`` states, as a ``torch.Generator`` takes its own.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def get_state(self) -> torch.Tensor:
+        return torch.stack([generator.get_state() for generator in self.generators])
+
+    def set_state(self, states: torch.Tensor) -> None:
+        for generator, state in zip(self.generators, states, strict=True):
+            generator.set_state(state.clone())  # a row view of the stack would not do (``Generator.set_state``)
+
+
+Generator = torch.Generator | MemberGenerators | None
+
+
+def _draw(sample: Callable[[tuple[int, ...], torch.Generator | None], torch.Tensor], shape, generator: Generator):
+    """``sample(shape, generator)``, or for ``MemberGenerators`` one draw of the member's shape per member, stacked
+    on the member axis of ``shape`` (which must be there)."""
+    shape = tuple(shape)
+    if not isinstance(generator, MemberGenerators):
+        return sample(shape, generator)
+    axis = len(shape) + MEMBER_AXIS
+    if axis < 0 or shape[axis] != len(generator):
+        raise ValueError(f"an ensemble of {len(generator)} draws row tensors (..., S, B, x), not of shape {shape}")
+    member_shape = shape[:axis] + shape[axis + 1 :]
+    return torch.stack([sample(member_shape, member) for member in generator.generators], dim=axis)
+
+
+def gaussian(shape, generator: Generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal draws of ``shape`` on ``like``'s device and dtype."""
+    return _draw(lambda s, g: torch.randn(s, generator=g, device=like.device, dtype=like.dtype), shape, generator)
+
+
+def uniform(shape, generator: Generator, like: torch.Tensor) -> torch.Tensor:
+    """Uniform draws in [0, 1) of ``shape`` on ``like``'s device and dtype."""
+    return _draw(lambda s, g: torch.rand(s, generator=g, device=like.device, dtype=like.dtype), shape, generator)
+
+
+def signs(shape, generator: Generator, like: torch.Tensor) -> torch.Tensor:
+    """Rademacher draws (±1 with probability ½ each) of ``shape`` on ``like``'s device and dtype."""
+
+    def sample(s, g):
+        return (2 * torch.randint(0, 2, s, generator=g, device=like.device) - 1).to(like.dtype)
+
+    return _draw(sample, shape, generator)
