@@ -380,6 +380,13 @@ def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
     return {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)}
 
 
+def _single_run_if_older(config: DictConfig) -> DictConfig:
+    """A config written before ensembles existed describes a single run: say so, as today's configs do."""
+    if "ensemble" not in config:
+        config.ensemble = {"size": 1, "seeds": None, "vary": {}}
+    return config
+
+
 def saved_config(checkpoint: dict[str, Any], file: Path) -> tuple[DictConfig, dict[str, Any] | None]:
     """The config (and data shapes) a checkpoint was trained with: from the checkpoint itself, or, for one
     written before checkpoints carried them (format 0), from its run directory's ``config.yaml``."""
@@ -397,7 +404,7 @@ def saved_config(checkpoint: dict[str, Any], file: Path) -> tuple[DictConfig, di
             raise ConfigError(
                 "checkpoint", str(file), "holds a config with interpolations: eblvm stores resolved configs only"
             )
-        return OmegaConf.create(record["config"]), record["data_shapes"]
+        return _single_run_if_older(OmegaConf.create(record["config"])), record["data_shapes"]
     config_file = file.parent.parent / "config.yaml"
     if not config_file.is_file():
         raise ConfigError(
@@ -412,7 +419,7 @@ def saved_config(checkpoint: dict[str, Any], file: Path) -> tuple[DictConfig, di
     for name, node in default_callbacks.items():
         if name not in config.callbacks and issubclass(get_object(node._target_), EvaluationCallback):
             config.callbacks[name] = node
-    return config, None
+    return _single_run_if_older(config), None
 
 
 def rebuild(

@@ -1,4 +1,4 @@
-"""Train S runs in one process: ``python train.py ensemble.size=S [ensemble.vary.optim.lr=[...]]`` (docs/methods.md §6).
+"""Train S runs in one process: ``python train.py ensemble.size=S [ensemble.vary.optim.lr=[...]]`` (docs/methods.md §9).
 
 Member ``k`` is the run its config would be alone, ``seed = ensemble.seeds[k]`` (default ``seed + k``) and each
 varied key at its ``k``-th value: it starts from the weights that seed draws, sees the batches that seed shuffles
@@ -169,9 +169,15 @@ class EnsembleParts:
 
 
 def _check_ensemble(cfg: DictConfig, ensemble: EnsembleConfig) -> None:
+    devices = cfg.trainer.get("devices", 1)
+    require(devices == 1, "trainer.devices", devices, "an ensemble trains in one process: use trainer.devices=1")
     require(cfg.get("ema_decay") is None, "ema_decay", cfg.get("ema_decay"), "ensembles train without EMA: use null")
-    require(cfg.on_nonfinite == "stop", "on_nonfinite", cfg.on_nonfinite, "an ensemble masks non-finite members "
-            "and stops when all are masked: use on_nonfinite=stop")
+    require(
+        cfg.on_nonfinite == "stop",
+        "on_nonfinite",
+        cfg.on_nonfinite,
+        "an ensemble masks non-finite members and stops when all are masked: use on_nonfinite=stop",
+    )
     if "objective.sigma" in ensemble.vary:
         require(
             OmegaConf.select(cfg, "objective.higher") == "dsm",
@@ -276,8 +282,12 @@ def _loggers(cfg: DictConfig, configs: list[DictConfig]) -> tuple[list, list[lis
             Path(config.paths.output_dir).mkdir(parents=True, exist_ok=True)
             member_loggers[member].append(
                 instantiate_node(
-                    f"logger.{name}", node, name=config.run_name, group=cfg.run_name,
-                    save_dir=config.paths.output_dir, reinit="create_new",
+                    f"logger.{name}",
+                    node,
+                    name=config.run_name,
+                    group=cfg.run_name,
+                    save_dir=config.paths.output_dir,
+                    reinit="create_new",
                 )  # fmt: skip
             )
     return csv_loggers, member_loggers
@@ -415,6 +425,10 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
             member_parts, config, test["metrics"], steps=steps, member=member, seed=config.seed,
             tested=test["tested"], best_checkpoint=test["best_checkpoint"], last_checkpoint=test["last_checkpoint"],
             masked=[event for event in parts.module.masked_events if event["member"] == member],
+            # a member's share of the ensemble's training time, so tables compare it with a run alone
+            train_seconds=round(train_seconds / len(parts.members), 2),
+            ms_per_step=round(1000 * train_seconds / max(steps, 1) / len(parts.members), 3),
+            ensemble_size=len(parts.members),
         )  # fmt: skip
         (Path(config.paths.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         member_summaries.append(summary)

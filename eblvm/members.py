@@ -1,4 +1,4 @@
-"""The member axis of an ensemble: S independent runs whose tensors are stacked (docs/methods.md §6).
+"""The member axis of an ensemble: S independent runs whose tensors are stacked (docs/methods.md §9).
 
 An ensemble's batch is ``(S, B, d)``, member ``k``'s rows at ``[k]``. Its model and posterior are ``stack``-ed
 modules: every parameter and buffer holds the members' values on a leading axis of size S, and each method the

@@ -1,6 +1,6 @@
 """Every random draw of training goes through here, from one generator or from an ensemble's members' generators.
 
-A run draws from a ``torch.Generator``. An ensemble of ``S`` runs (docs/methods.md §6) draws from
+A run draws from a ``torch.Generator``. An ensemble of ``S`` runs (docs/methods.md §9) draws from
 ``MemberGenerators``: member ``k`` draws what the run with its seed alone would, from its own generator, and the
 draws are stacked on the member axis. Noise is drawn for row tensors, shape ``(..., B, x)``, which in an ensemble
 are ``(..., S, B, x)``: the member axis is third from the end.

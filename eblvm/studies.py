@@ -30,45 +30,71 @@ class Method:
     overrides: tuple[str, ...]
 
 
-def launch(
-    methods: Sequence[Method], common: Sequence[str], seeds: Sequence[int], runs_dir: Path, jobs: int = 1
-) -> float:
-    """Run every method as ``train.py -m <overrides> <common> seed=<seeds>`` into ``runs_dir/<method>/seed_<s>``
-    (or the ``hydra.sweep.subdir`` a method's overrides name).
-
-    ``jobs`` methods run side by side. A failed method is reported with its log file and stops the study.
-    Returns the wall-clock seconds.
-    """
+def _run_all(commands: dict[str, tuple[list[str], Path]], jobs: int) -> float:
+    """Run each named ``train.py`` command (its output folder beside it), ``jobs`` side by side, each with
+    ``cores / jobs`` threads; a failure is reported with its log file and stops the study. Returns the wall-clock
+    seconds."""
     start = time.perf_counter()
     # Small models gain nothing from several threads, and jobs side by side must not oversubscribe the cores.
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)), **os.environ}
 
-    def run_one(method: Method) -> None:
-        out = runs_dir / method.name
+    def run_one(name: str) -> None:
+        command, out = commands[name]
         out.mkdir(parents=True, exist_ok=True)
+        log = out / "study.log"
+        with log.open("w") as handle:
+            result = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode}, see {log})"
+        print(f"  {name:<14} {status}", flush=True)
+        if result.returncode:
+            raise RuntimeError(f"{name} failed: see {log}")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(run_one, commands))
+    return time.perf_counter() - start
+
+
+def launch(
+    methods: Sequence[Method], common: Sequence[str], seeds: Sequence[int], runs_dir: Path, jobs: int = 1
+) -> float:
+    """Run every method as ``train.py -m <overrides> <common> seed=<seeds>`` into ``runs_dir/<method>/seed_<s>``
+    (or the ``hydra.sweep.subdir`` a method's overrides name): one process per run, ``jobs`` methods side by side.
+    Returns the wall-clock seconds."""
+    commands = {}
+    for method in methods:
+        out = runs_dir / method.name
         command = [
             sys.executable, str(ROOT / "train.py"), "-m", *method.overrides, *common,
             f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={out}",
         ]  # fmt: skip
         if not any(override.startswith("hydra.sweep.subdir=") for override in method.overrides):
             command.append("hydra.sweep.subdir=seed_${seed}")
-        log = out / "study.log"
-        with log.open("w") as handle:
-            result = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
-        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode}, see {log})"
-        print(f"  {method.name:<14} {status}", flush=True)
-        if result.returncode:
-            raise RuntimeError(f"{method.name} failed: see {log}")
+        commands[method.name] = (command, out)
+    return _run_all(commands, jobs)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(run_one, methods))
-    return time.perf_counter() - start
+
+def launch_ensembles(
+    methods: Sequence[Method], common: Sequence[str], seeds: Sequence[int], runs_dir: Path, jobs: int = 1
+) -> float:
+    """Run every method's ``seeds`` as one ensemble, ``train.py <overrides> <common> ensemble.size=<S>
+    ensemble.seeds=<seeds>``, into ``runs_dir/<method>`` (its members in ``members/<k>/``), ``jobs`` methods side
+    by side. Returns the wall-clock seconds."""
+    commands = {}
+    for method in methods:
+        out = runs_dir / method.name
+        command = [
+            sys.executable, str(ROOT / "train.py"), *method.overrides, *common, f"seed={seeds[0]}",
+            f"ensemble.size={len(seeds)}", f"ensemble.seeds=[{','.join(map(str, seeds))}]", f"hydra.run.dir={out}",
+        ]  # fmt: skip
+        commands[method.name] = (command, out)
+    return _run_all(commands, jobs)
 
 
 def collect(method_dir: Path) -> list[dict]:
-    """The ``summary.json`` of every finished run under ``method_dir``, each with its ``seed`` and ``run_dir``."""
+    """The ``summary.json`` of every finished run under ``method_dir`` (runs of a multirun, or an ensemble's
+    members), each with its ``seed`` and ``run_dir``."""
     runs = []
-    for summary_file in sorted(method_dir.glob("*/summary.json")):
+    for summary_file in sorted([*method_dir.glob("*/summary.json"), *method_dir.glob("members/*/summary.json")]):
         summary = read_summary(summary_file.parent)
         config = yaml.safe_load((summary_file.parent / "config.yaml").read_text())
         runs.append({**summary, "seed": config["seed"], "run_dir": str(summary_file.parent), "config": config})

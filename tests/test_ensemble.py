@@ -1,4 +1,4 @@
-"""Ensembles (docs/methods.md §6): member k of an ensemble is the run with its seed alone, for every objective."""
+"""Ensembles (docs/methods.md §9): member k of an ensemble is the run with its seed alone, for every objective."""
 
 from __future__ import annotations
 
@@ -191,3 +191,22 @@ def test_member_slice_keeps_shared_and_unborn_state():
     sliced = member_slice(state, 2, ["model.W", "objective.chain"])
     assert torch.equal(sliced["model.W"], torch.tensor([4.0, 5.0]))
     assert sliced["objective.noise_mean"] is state["objective.noise_mean"] and sliced["objective.chain"].numel() == 0
+
+
+def test_a_resumed_ensemble_equals_the_uninterrupted_one(tmp_path):
+    """15 steps, then resumed from ``last.ckpt`` to 30, ends where 30 steps in one go do: the members' generators,
+    shuffling positions, optimizer states and masks are all in the checkpoint."""
+    overrides = FAST_RUN + ["ensemble.size=2", "objective=pcd", "evaluation.gradient_bias_repeats=0"]
+    straight = tmp_path / "straight"
+    run_ensemble(compose_train_config(straight, overrides + ["trainer.max_steps=30"]))
+    halves = tmp_path / "halves"
+    run_ensemble(compose_train_config(halves, overrides + ["trainer.max_steps=15"]))
+    resumed = overrides + ["trainer.max_steps=30", f"ckpt_path={halves / 'checkpoints' / 'last.ckpt'}"]
+    run_ensemble(compose_train_config(halves, resumed))
+    for name in ("straight", "halves"):
+        assert load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")["global_step"] == 30
+    first = load_checkpoint(straight / "checkpoints" / "last.ckpt")["state_dict"]
+    second = load_checkpoint(halves / "checkpoints" / "last.ckpt")["state_dict"]
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        assert torch.equal(second[name], value), name

@@ -22,7 +22,8 @@ def test_checkerboard_study_quick_writes_table_and_figure(tmp_path):
     assert len(rows) == 12
     assert all(row.split("|")[2].strip() == "3" for row in rows), "every method over 3 seeds"
     assert (tmp_path / "density_grid_quick.png").stat().st_size > 10_000
-    assert len(list((tmp_path / "runs" / "quick").glob("*/seed_*/summary.json"))) == 36
+    # each method's seeds trained as one ensemble of 3 members
+    assert len(list((tmp_path / "runs" / "quick").glob("*/members/*/summary.json"))) == 36
 
 
 def test_nk_study_quick_writes_table_and_gradient_bias_figure(tmp_path):

@@ -171,7 +171,8 @@ def test_exact_posterior_module_works_bound_and_under_functional_call(float64):
     for bound in (BoundPosterior(q), BoundPosterior(q, {}), BoundPosterior.detached(q)):
         mean, scale_tril = bound(v)
         torch.testing.assert_close(mean, model.exact_posterior(v).mean, rtol=0, atol=1e-12)
-        torch.testing.assert_close(scale_tril @ scale_tril.mT, model.exact_posterior(v).covariance_matrix[0])
+        assert scale_tril.shape == (1, 2, 2)  # one factor for all rows, broadcast over them
+        torch.testing.assert_close((scale_tril @ scale_tril.mT)[0], model.exact_posterior(v).covariance_matrix[0])
     mean, _ = functional_call(q, {}, (v,))
     torch.testing.assert_close(mean, q(v)[0], rtol=0, atol=0)
     # parameters broadcast over a leading particle axis of v

@@ -1,4 +1,4 @@
-"""The bi-level step of an ensemble: S independent runs trained together on a member axis (docs/methods.md §6).
+"""The bi-level step of an ensemble: S independent runs trained together on a member axis (docs/methods.md §9).
 
 ``EnsembleModule`` is ``BilevelModule`` with stacked parts (``eblvm.members.stack``): the same iteration, every
 operation shared by the members, and each member's numbers its own. Losses have one value per member and the
@@ -44,8 +44,12 @@ class EnsembleModule(BilevelModule):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        require(self.on_nonfinite == "stop", "on_nonfinite", self.on_nonfinite, "an ensemble masks a non-finite "
-                "member and stops when every member is masked: use on_nonfinite=stop")
+        require(
+            self.on_nonfinite == "stop",
+            "on_nonfinite",
+            self.on_nonfinite,
+            "an ensemble masks a non-finite member and stops when every member is masked: use on_nonfinite=stop",
+        )
         self.seeds = [int(seed) for seed in seeds]
         self.n_members = len(self.seeds)
         self.rates = {"energy": energy_rates, "posterior": posterior_rates}
@@ -95,12 +99,19 @@ class EnsembleModule(BilevelModule):
                 name, value = failed[0]
                 event = {"step": self.global_step, "member": member, "seed": self.seeds[member], "quantity": name}
                 self.masked_events.append({**event, "value": value})
-                log.warning("member %d (seed %d) masked at step %d: %s is %s", member, event["seed"],
-                            self.global_step, name, value)
+                log.warning(
+                    "member %d (seed %d) masked at step %d: %s is %s",
+                    member,
+                    event["seed"],
+                    self.global_step,
+                    name,
+                    value,
+                )
             self.active &= ~newly
             if not bool(self.active.any()):
-                raise DivergenceError(self.global_step, f"every member ({self.n_members}) masked; the last: {name}",
-                                      value)
+                raise DivergenceError(
+                    self.global_step, f"every member ({self.n_members}) masked; the last: {name}", value
+                )
         self._as_list(self.optimizers())[0].optimizer.param_groups[0]["member_mask"] = self.active.clone()
         return True
 
@@ -108,8 +119,12 @@ class EnsembleModule(BilevelModule):
         """Each member's row: the last lower step's loss and gradient norm, the higher loss, its gradient norm and
         the member's learning rate; the progress bar shows the active members' mean loss."""
         last = dict(checks)
-        names = {"train/loss": "higher loss", "train/grad_norm": "higher gradient norm",
-                 "train/lower_loss": "lower loss", "train/posterior_grad_norm": "lower gradient norm"}
+        names = {
+            "train/loss": "higher loss",
+            "train/grad_norm": "higher gradient norm",
+            "train/lower_loss": "lower loss",
+            "train/posterior_grad_norm": "lower gradient norm",
+        }
         group = optimizer.param_groups[0]
         rates = (group["lr_scale"] * group["lr"] + group["lr_shift"]) * self.active
         columns = {key: last[check] for key, check in names.items() if check in last} | {"train/lr": rates}
@@ -118,8 +133,13 @@ class EnsembleModule(BilevelModule):
             for member, row in enumerate(table):
                 self.member_log(self.global_step, member, dict(zip(columns, row, strict=True)))
         active_loss = last["higher loss"][self.active]
-        self.log("loss", active_loss.mean() if len(active_loss) else torch.nan, prog_bar=True, logger=False,
-                 batch_size=batch_size)
+        self.log(
+            "loss",
+            active_loss.mean() if len(active_loss) else torch.nan,
+            prog_bar=True,
+            logger=False,
+            batch_size=batch_size,
+        )
 
     def validation_step(self, v: torch.Tensor, batch_idx: int) -> None:
         """Nothing: each member is evaluated as a run of its own (``eblvm.ensemble.MemberEvaluation``)."""
@@ -134,4 +154,3 @@ class EnsembleModule(BilevelModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self.masked_events = list(checkpoint.get(MEMBERS_KEY, {}).get("masked_events", []))
-

@@ -203,8 +203,9 @@ class EBLVMDataModule(pl.LightningDataModule):
         if self.shuffle_seeds is not None:
             require(world_size == 1, "trainer.devices", world_size, "an ensemble trains in one process: use 1")
             members = [
-                BatchSampler(RandomSampler(Rows(self.train_data), generator=shuffle_generator(seed)),
-                             self.batch_size, drop_last)
+                BatchSampler(
+                    RandomSampler(Rows(self.train_data), generator=shuffle_generator(seed)), self.batch_size, drop_last
+                )
                 for seed in self.shuffle_seeds
             ]
             return StatefulDataLoader(

@@ -28,7 +28,7 @@ class EnergyModel(nn.Module):
     - ``has_exact_posterior``: ``exact_posterior(v)``, the true ``p(h|v)`` as a ``torch.distributions`` object,
       to compare a variational posterior with;
     - ``image_shape``: ``(C, H, W)`` when ``v`` holds flattened images (sample grids, FID), else None;
-    - ``member_methods``: the methods an ensemble maps over its members (docs/methods.md §6), each with where the
+    - ``member_methods``: the methods an ensemble maps over its members (docs/methods.md §9), each with where the
       member axis goes in its outputs (``eblvm.noise.ROWS`` or ``VALUES``); a model that lists none trains alone.
       The other methods must reach the parameters only through the listed ones.
     """

@@ -5,8 +5,9 @@
     python experiments/checkerboard/study.py --setting paper    # the paper's 100k steps
     python experiments/checkerboard/study.py --aggregate-only   # rebuild results.md and density_grid.png
 
-Runs go to experiments/checkerboard/runs/<setting>/<method>/seed_<s>/ (W&B off: the table is built from each
-run's summary.json). Results: results.md and density_grid.png beside this file (results_<setting>.md and
+Each method's seeds train as one ensemble (``ensemble.size=3``, docs/methods.md §9), two methods side by side, so
+both cores are used; the members go to experiments/checkerboard/runs/<setting>/<method>/members/<k>/ (W&B off: the
+table is built from each member's summary.json, and a member's time is its share of its ensemble's). Results: results.md and density_grid.png beside this file (results_<setting>.md and
 density_grid_<setting>.png for the other settings).
 """
 
@@ -26,7 +27,7 @@ from eblvm.aggregate import mean_std  # noqa: E402
 from eblvm.assemble import instantiate_node  # noqa: E402
 from eblvm.checkpoints import load_checkpoint  # noqa: E402
 from eblvm.evaluation.plots import plot_density_grid  # noqa: E402
-from eblvm.studies import Method, collect, launch, load_model, provenance  # noqa: E402
+from eblvm.studies import Method, collect, launch_ensembles, load_model, provenance  # noqa: E402
 
 METHODS = [
     Method("BiDSM N=0", ("experiment=checkerboard_bidsm", "objective.n_unroll=0")),
@@ -154,7 +155,7 @@ def main() -> None:
     if not args.aggregate_only:
         print(f"checkerboard study, setting {args.setting}: {len(methods)} methods x {len(setting['seeds'])} seeds")
         named = [Method(directory_name(m), m.overrides) for m in methods]
-        seconds = launch(named, setting["common"] + ALWAYS, setting["seeds"], runs_dir, args.jobs)
+        seconds = launch_ensembles(named, setting["common"] + ALWAYS, setting["seeds"], runs_dir, args.jobs)
     command = "python experiments/checkerboard/study.py " + " ".join(sys.argv[1:])
     print(f"wrote {aggregate(args.setting, args.out, command.strip(), seconds)}")
 
