@@ -7,8 +7,9 @@
 
 Each method's seeds train as one ensemble (``ensemble.size=3``, docs/methods.md §9), two methods side by side, so
 both cores are used; the members go to experiments/checkerboard/runs/<setting>/<method>/members/<k>/ (W&B off: the
-table is built from each member's summary.json, and a member's time is its share of its ensemble's). Results: results.md and density_grid.png beside this file (results_<setting>.md and
-density_grid_<setting>.png for the other settings).
+table is built from each member's summary.json, and a member's time is its share of its ensemble's). Results:
+results.md and density_grid.png beside this file (results_<setting>.md and density_grid_<setting>.png for the
+other settings).
 """
 
 from __future__ import annotations
