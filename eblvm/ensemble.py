@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eblvm.assemble import RunParts, assemble, build_dataclass, check_run_settings, instantiate_node
 from eblvm.bilevel.ensemble import EnsembleModule
-from eblvm.bilevel.optim import OptimConfig
+from eblvm.bilevel.optim import OptimConfig, member_learning_rates
 from eblvm.callbacks import LastCheckpoint
 from eblvm.checkpoints import FORMAT_VERSION, RECORD_KEY, CheckpointIO, last_checkpoint, load_checkpoint
 from eblvm.errors import ConfigError, require
@@ -128,12 +128,12 @@ class EnsembleParts:
     members: list[RunParts]
     module: EnsembleModule
     datamodule: Any
-    stacked_names: list[str]
+    member_shapes: dict[str, torch.Size | None]
 
     def member_state(self, member: int) -> dict[str, torch.Tensor]:
         """Member ``member``'s state dict, in the names and shapes of a single run's."""
         state = {name: value.detach() for name, value in self.module.state_dict().items() if name != "active"}
-        return member_slice(state, member, self.stacked_names)
+        return member_slice(state, member, self.member_shapes)
 
     def member_posterior_optimizer(self, member: int, module: pl.LightningModule) -> torch.optim.Optimizer | None:
         """q's optimizer of member ``member`` for its single-run ``module``: the member's slice of the ensemble's
@@ -142,13 +142,16 @@ class EnsembleParts:
             return None
         stacked = self.module.trainer.optimizers[1]
         group = stacked.param_groups[0]
-        lr = float(group["lr_scale"][member] * group["lr"] + group["lr_shift"][member])
+        rates = member_learning_rates({**group, "member_mask": None})
+        lr = float(rates[member]) if isinstance(rates, torch.Tensor) else rates
         optimizer = module.optim.optimizer(module.posterior.parameters(), lr)
         for param, stacked_param in zip(module.posterior.parameters(), group["params"], strict=True):
             state = stacked.state.get(stacked_param)
             if state:
                 optimizer.state[param] = {
-                    key: value[member].clone() if isinstance(value, torch.Tensor) and value.dim() else value
+                    key: value[member].reshape(param.shape).clone()
+                    if isinstance(value, torch.Tensor) and value.dim()
+                    else value
                     for key, value in state.items()
                 }
         return optimizer
@@ -194,11 +197,12 @@ def assemble_ensemble(cfg: DictConfig) -> EnsembleParts:
     configs = [member_config(cfg, ensemble, k) for k in range(ensemble.size)]
     members = [assemble(config) for config in configs]
     first = members[0]
+    model_class = type(first.model)
     require(
-        bool(type(first.model).member_methods),
+        model_class.member_broadcast or bool(model_class.member_methods),
         "model",
-        type(first.model).__name__,
-        "cannot be trained in an ensemble (it lists no member_methods): ensembles train e.g. model=grbm or "
+        model_class.__name__,
+        "trains only alone (no member_broadcast or member_methods): ensembles train e.g. model=grbm or "
         "model=gaussian_linear",
     )
     for parts in members[1:]:
@@ -221,10 +225,12 @@ def assemble_ensemble(cfg: DictConfig) -> EnsembleParts:
     objective = stack_parameters(copy.deepcopy(first.objective), [parts.objective for parts in members])
     if "objective.sigma" in ensemble.vary:
         objective.loss.sigma = torch.tensor(ensemble.vary["objective.sigma"], dtype=torch.float32)
-    stacked_names = [f"model.{name}" for name in model.state_dict()]
-    stacked_names += [f"posterior.{name}" for name in (posterior.state_dict() if posterior is not None else {})]
-    stacked_names += [f"objective.{name}" for name, _ in objective.named_parameters()]
-    stacked_names += [f"objective.{name}" for name in objective.per_rank_buffers]
+    # the single-run shape of every stacked entry of the module's state (None: a member's slice as it is)
+    member_shapes = {f"model.{name}": value.shape for name, value in first.model.state_dict().items()}
+    if posterior is not None:
+        member_shapes |= {f"posterior.{name}": value.shape for name, value in first.posterior.state_dict().items()}
+    member_shapes |= {f"objective.{name}": value.shape for name, value in first.objective.named_parameters()}
+    member_shapes |= {f"objective.{name}": None for name in objective.per_rank_buffers}
     seeds = ensemble.member_seeds(cfg.seed)
     optim = build_dataclass("optim", OptimConfig, cfg.optim)  # the configured rates, which members' scale
     record = {"config": OmegaConf.to_container(cfg, resolve=True), "data_shapes": first.data_shapes}
@@ -243,7 +249,7 @@ def assemble_ensemble(cfg: DictConfig) -> EnsembleParts:
     )
     datamodule = first.datamodule
     datamodule.shuffle_seeds = seeds
-    return EnsembleParts(configs, members, module, datamodule, stacked_names)
+    return EnsembleParts(configs, members, module, datamodule, member_shapes)
 
 
 class MemberLog:

@@ -1,12 +1,18 @@
 """The member axis of an ensemble: S independent runs whose tensors are stacked (docs/methods.md §9).
 
-An ensemble's batch is ``(S, B, d)``, member ``k``'s rows at ``[k]``. Its model and posterior are ``stack``-ed
-modules: every parameter and buffer holds the members' values on a leading axis of size S, and each method the
-module class lists in ``member_methods`` is computed for all members at once by ``torch.func.vmap`` over
-``torch.func.functional_call`` of a single-run template, with the member axis of each input row tensor third
-from the end (``(..., S, B, x)``). The autograd calls of the objectives (scores, unrolled steps, the energy's
-backward) stay outside the vmap, on the stacked results, and since no operation mixes members, each member's
-gradient is the one its run alone would get. Losses keep one value per member (``batch_mean``).
+An ensemble's batch is ``(S, B, d)``, member ``k``'s rows at ``[k]``; every row tensor carries the member axis third
+from the end (``(..., S, B, x)``). Its model and posterior are ``stack``-ed modules, every parameter and buffer
+holding the members' values on a leading axis of size S, computed in one of two ways:
+
+- ``member_broadcast`` classes (the GRBM, the MLP and linear posteriors) run their own methods on parameters
+  stacked in member-broadcast shapes: a vector ``(n,)`` as ``(S, 1, n)``, a matrix as ``(S, n, m)``, so that
+  elementwise operations and matrix products with row tensors pair each member's rows with its own parameters;
+- other classes list ``member_methods``, each computed for all members at once by ``torch.func.vmap`` over
+  ``torch.func.functional_call`` of a single-run template.
+
+The autograd calls of the objectives (scores, unrolled steps, the energy's backward) run on the stacked results,
+and since no operation mixes members, each member's gradient is the one its run alone would get. Losses keep one
+value per member (``batch_mean``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ def batch_mean(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     run's ``(B, d)`` batch, one mean per member (shape ``(S,)``) for an ensemble's ``(S, B, d)``."""
     if v.dim() == 2:
         return values.mean()
-    return values.movedim(-2, 0).reshape(v.shape[0], -1).mean(-1)
+    return values.mean(dim=[axis for axis in range(values.dim()) if axis != values.dim() - 2])
 
 
 def member_norms(tensors: Iterable[torch.Tensor], n_members: int) -> torch.Tensor:
@@ -102,9 +108,7 @@ def _ensemble_class(cls: type) -> type:
 
 
 class StackedModule(nn.Module):
-    """The mix-in of a ``stack``-ed module: ``n_members`` runs of one module class, computed together."""
-
-    n_members: int
+    """The mix-in of a ``stack``-ed module of a class with ``member_methods``: its runs computed together."""
 
     def map_members(self, name: str, out_axis: int, args: tuple) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Method ``name`` of the template for every member, with that member's parameters and buffers and its
@@ -120,19 +124,43 @@ class StackedModule(nn.Module):
         return tree_map(lambda output: output.movedim(0, out_axis), outputs)
 
 
-def stack(members: Sequence[nn.Module]) -> StackedModule:
-    """One module computing all ``members`` (modules of one class with ``member_methods``) at once: their
-    parameters and buffers stacked on a leading member axis (``S = len(members)``), names unchanged."""
+def _broadcast_shape(name: str, shape: torch.Size, n_members: int) -> tuple[int, ...]:
+    """The member-broadcast shape of a stacked tensor whose members have ``shape``."""
+    if len(shape) == 1:
+        return (n_members, 1, shape[0])
+    if len(shape) == 2:
+        return (n_members, *shape)
+    raise ValueError(
+        f"{name} has shape {tuple(shape)}: member broadcasting stacks vectors and matrices only; list "
+        "member_methods instead"
+    )
+
+
+def stack(members: Sequence[nn.Module]) -> nn.Module:
+    """One module computing all ``members`` (modules of one class) at once, names unchanged: their parameters and
+    buffers stacked on a leading member axis (``S = len(members)``), in member-broadcast shapes for a
+    ``member_broadcast`` class, else as ``(S, ...)`` behind the class's vmapped ``member_methods``."""
     template = members[0]
-    if not type(template).member_methods:
-        raise ValueError(f"{type(template).__name__} lists no member_methods: it cannot be trained in an ensemble")
+    cls = type(template)
+    if not (cls.member_broadcast or cls.member_methods):
+        raise ValueError(f"{cls.__name__} can be trained only alone: it has no member_broadcast or member_methods")
     stacked = copy.deepcopy(template)
+    shapes = {name: _get(template, name).shape for name in _tensor_names(template)}
     _stacked_tensors(stacked, members)
-    stacked.__class__ = _ensemble_class(type(template))
+    if cls.member_broadcast:
+        for name, shape in shapes.items():
+            value = _get(stacked, name)
+            _set(
+                stacked,
+                name,
+                value.reshape(_broadcast_shape(name, shape, len(members))),
+                isinstance(value, nn.Parameter),
+            )
+        return stacked
+    stacked.__class__ = _ensemble_class(cls)
     # the template runs each member's computation with that member's tensors substituted; its own never serve
     stacked.__dict__["_caller"] = _MethodCall(copy.deepcopy(template).to("meta"))
     stacked.__dict__["_names"] = _tensor_names(template)
-    stacked.n_members = len(members)
     return stacked
 
 
@@ -146,10 +174,16 @@ def stack_parameters(module: nn.Module, members: Sequence[nn.Module]) -> nn.Modu
     return module
 
 
-def member_slice(state: dict[str, torch.Tensor], member: int, stacked: Iterable[str]) -> dict[str, torch.Tensor]:
-    """A state dict of one member: entries named in ``stacked`` indexed at ``member``, the others (and stacked
-    state not created yet, such as the chains before the first step) as they are."""
-    stacked = set(stacked)
-    return {
-        name: value[member].clone() if name in stacked and value.numel() else value for name, value in state.items()
-    }
+def member_slice(
+    state: dict[str, torch.Tensor], member: int, shapes: dict[str, torch.Size | None]
+) -> dict[str, torch.Tensor]:
+    """A state dict of one member: each entry named in ``shapes`` indexed at ``member`` (and given the single-run
+    shape there, None: as indexed), the others (and stacked state not created yet, such as the chains before the
+    first step) as they are."""
+    sliced = {}
+    for name, value in state.items():
+        if name in shapes and value.numel():
+            value = value[member] if shapes[name] is None else value[member].reshape(shapes[name])
+            value = value.clone()
+        sliced[name] = value
+    return sliced

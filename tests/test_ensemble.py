@@ -188,7 +188,7 @@ def test_member_slice_keeps_shared_and_unborn_state():
         "objective.noise_mean": torch.ones(2),
         "objective.chain": torch.empty(0),
     }
-    sliced = member_slice(state, 2, ["model.W", "objective.chain"])
+    sliced = member_slice(state, 2, {"model.W": torch.Size([2]), "objective.chain": None})
     assert torch.equal(sliced["model.W"], torch.tensor([4.0, 5.0]))
     assert sliced["objective.noise_mean"] is state["objective.noise_mean"] and sliced["objective.chain"].numel() == 0
 

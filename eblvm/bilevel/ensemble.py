@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from eblvm.bilevel.module import BilevelModule
+from eblvm.bilevel.optim import member_learning_rates
 from eblvm.errors import DivergenceError, require
 from eblvm.members import member_norms
 from eblvm.noise import MemberGenerators
@@ -61,12 +62,16 @@ class EnsembleModule(BilevelModule):
         return MemberGenerators(self.seeds, device=self.device)
 
     def configure_optimizers(self):
+        """The optimizers of a single run over the stacked parameters; members with rates of their own get them
+        (``member_learning_rates``: left out when every member has the configured rate)."""
         optimizers, schedulers = super().configure_optimizers()
         for optimizer, level in zip(optimizers, ("energy", "posterior"), strict=False):
             scale, shift = self.rates[level]
+            own_rates = not (bool((scale == 1).all()) and bool((shift == 0).all()))
             for group in optimizer.param_groups:
-                group["lr_scale"], group["lr_shift"] = scale.to(self.device), shift.to(self.device)
-                group["member_mask"] = self.active.clone()
+                group["lr_scale"] = scale.to(self.device) if own_rates else None
+                group["lr_shift"] = shift.to(self.device) if own_rates else None
+                group["member_mask"] = None
         return optimizers, schedulers
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -112,8 +117,14 @@ class EnsembleModule(BilevelModule):
                 raise DivergenceError(
                     self.global_step, f"every member ({self.n_members}) masked; the last: {name}", value
                 )
-        self._as_list(self.optimizers())[0].optimizer.param_groups[0]["member_mask"] = self.active.clone()
+        # the energy's step leaves masked members as they are (no mask, and no cost, while every member is active)
+        mask = None if self._all_active else self.active.clone()
+        self._as_list(self.optimizers())[0].optimizer.param_groups[0]["member_mask"] = mask
         return True
+
+    @property
+    def _all_active(self) -> bool:
+        return len(self.masked_events) == 0
 
     def _log_training(self, checks: list[tuple[str, torch.Tensor]], optimizer, batch_size: int) -> None:
         """Each member's row: the last lower step's loss and gradient norm, the higher loss, its gradient norm and
@@ -125,8 +136,7 @@ class EnsembleModule(BilevelModule):
             "train/lower_loss": "lower loss",
             "train/posterior_grad_norm": "lower gradient norm",
         }
-        group = optimizer.param_groups[0]
-        rates = (group["lr_scale"] * group["lr"] + group["lr_shift"]) * self.active
+        rates = member_learning_rates({**optimizer.param_groups[0], "member_mask": self.active})
         columns = {key: last[check] for key, check in names.items() if check in last} | {"train/lr": rates}
         table = torch.stack([value.detach().float().cpu() for value in columns.values()], dim=1).tolist()
         if self.member_log is not None:

@@ -16,16 +16,20 @@ SCHEDULERS = ("const", "cosine", "step")
 
 
 def member_learning_rates(group: dict) -> float | torch.Tensor:
-    """The group's learning rate: ``group["lr"]``, or for an ensemble's group (``lr_scale``, ``lr_shift`` and
-    ``member_mask``, tensors with one value per member) each member's own rate ``(a_k·lr + b_k)·mask_k``.
+    """The group's learning rate: ``group["lr"]``, or in an ensemble's group, when its members have rates of their
+    own (``lr_scale`` and ``lr_shift``) or some are masked (``member_mask``), each member's ``(a_k·lr + b_k)·mask_k``
+    (tensors with one value per member).
 
     ``lr`` follows the schedule of the configured rate; ``a_k`` and ``b_k`` map it onto member ``k``'s schedule,
     exactly for the schedules eblvm has (each is affine in its initial rate; see ``OptimConfig.member_rates``),
     and a masked member's rate is 0, so its parameters stay as they are.
     """
-    if "lr_scale" not in group:
-        return group["lr"]
-    return (group["lr_scale"] * group["lr"] + group["lr_shift"]) * group["member_mask"]
+    rates = group["lr"]
+    if group.get("lr_scale") is not None:
+        rates = group["lr_scale"] * rates + group["lr_shift"]
+    if group.get("member_mask") is not None:
+        rates = rates * group["member_mask"]
+    return rates
 
 
 def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -42,7 +46,7 @@ def _decayed_gradients(
     names = [name for name in params if grads[name] is not None]
     weights = [params[name] for name in names]
     gradients = [grads[name] for name in names]
-    if "member_mask" in group:
+    if group.get("member_mask") is not None:
         mask = group["member_mask"]
         gradients = [torch.where(_per_member(mask, grad), grad, 0.0) for grad in gradients]
     if names and group["weight_decay"]:

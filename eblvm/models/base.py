@@ -28,9 +28,11 @@ class EnergyModel(nn.Module):
     - ``has_exact_posterior``: ``exact_posterior(v)``, the true ``p(h|v)`` as a ``torch.distributions`` object,
       to compare a variational posterior with;
     - ``image_shape``: ``(C, H, W)`` when ``v`` holds flattened images (sample grids, FID), else None;
-    - ``member_methods``: the methods an ensemble maps over its members (docs/methods.md §9), each with where the
-      member axis goes in its outputs (``eblvm.noise.ROWS`` or ``VALUES``); a model that lists none trains alone.
-      The other methods must reach the parameters only through the listed ones.
+    - ensembles (docs/methods.md §9): ``member_broadcast`` when every method computes S members at once from
+      parameters stacked in member-broadcast shapes (``eblvm.members.stack``) and row tensors ``(..., S, B, x)``;
+      otherwise ``member_methods``, the methods an ensemble maps over its members with ``torch.func.vmap``, each
+      with where the member axis goes in its outputs (``eblvm.noise.ROWS`` or ``VALUES``), the other methods
+      reaching the parameters only through those. A model with neither trains alone.
     """
 
     latent_type: str = "continuous"  # "binary" or "continuous": the posteriors it can be paired with
@@ -40,6 +42,7 @@ class EnergyModel(nn.Module):
     has_gibbs_sampler: bool = False
     has_exact_posterior: bool = False
     image_shape: tuple[int, int, int] | None = None
+    member_broadcast: bool = False
     member_methods: dict[str, int] = {}
     v_dim: int
     h_dim: int

@@ -11,7 +11,6 @@ from torch import nn
 from eblvm import noise
 from eblvm.errors import require
 from eblvm.models.base import EnergyModel
-from eblvm.noise import ROWS, VALUES
 
 
 class GRBM(EnergyModel):
@@ -28,14 +27,7 @@ class GRBM(EnergyModel):
     has_ais = True
     has_gibbs_sampler = True
     has_exact_posterior = True
-    member_methods = {
-        "forward": VALUES,
-        "free_energy": VALUES,
-        "score": ROWS,
-        "hidden_logits": ROWS,
-        "visible_mean": ROWS,
-        "visible_from_noise": ROWS,
-    }
+    member_broadcast = True
 
     def __init__(self, v_dim: int, h_dim: int, learn_sigma: bool = True, sigma_init: float = 1.0):
         super().__init__()
@@ -69,11 +61,11 @@ class GRBM(EnergyModel):
 
     def score(self, v: torch.Tensor) -> torch.Tensor:
         """``∇_v log p(v) = −(v − b)/σ² + W sigmoid(c + Wᵀv)`` in closed form."""
-        return -(v - self.b) / self.variance + torch.sigmoid(self.hidden_logits(v)) @ self.W.T
+        return -(v - self.b) / self.variance + torch.sigmoid(self.hidden_logits(v)) @ self.W.mT
 
     def visible_mean(self, h: torch.Tensor) -> torch.Tensor:
         """``E[v | h] = b + σ² ⊙ (W h)``."""
-        return self.b + self.variance * (h @ self.W.T)
+        return self.b + self.variance * (h @ self.W.mT)
 
     def visible_from_noise(self, h: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``b + σ² ⊙ W h + σ ⊙ ε``: a draw of ``p(v|h)`` from standard normal ``ε``."""

@@ -135,8 +135,9 @@ class DenoisingSM(ScoreLoss):
 
     def levels(self, v: torch.Tensor) -> torch.Tensor:
         """The noise level of every row, shape ``(B, 1)`` (``(S, B, 1)`` for an ensemble's batch)."""
-        sigma = torch.as_tensor(self.sigma, device=v.device, dtype=v.dtype)
-        return sigma.reshape(sigma.shape + (1, 1)).expand(v.shape[:-1] + (1,))
+        if not isinstance(self.sigma, torch.Tensor):
+            return torch.full(v.shape[:-1] + (1,), self.sigma, device=v.device, dtype=v.dtype)
+        return self.sigma.to(v).reshape(-1, 1, 1).expand(v.shape[:-1] + (1,))
 
     def perturb(self, v: torch.Tensor, generator: torch.Generator) -> Perturbation:
         sigma = self.levels(v)

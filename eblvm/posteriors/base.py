@@ -24,7 +24,9 @@ class Posterior(nn.Module):
     """
 
     latent_type: str = "continuous"
-    member_methods: dict[str, int] = {"forward": ROWS}  # what an ensemble maps over its members (EnergyModel's)
+    # ensembles, as for EnergyModel: broadcast (all of its layers are MemberLinear), else forward through vmap
+    member_broadcast: bool = False
+    member_methods: dict[str, int] = {"forward": ROWS}
     h_dim: int
 
     def rsample(self, dist: Dist, n_samples: int, generator: noise.Generator = None) -> torch.Tensor:
@@ -86,12 +88,21 @@ class BoundPosterior:
         return cls(module, {name: p.detach() for name, p in module.named_parameters()})
 
 
+class MemberLinear(nn.Linear):
+    """``nn.Linear`` (same initialisation and names) computed as ``x Wᵀ + b`` by broadcasting matrix products, so
+    that an ensemble's stacked weights ``(S, out, in)`` and biases ``(S, 1, out)`` apply to rows ``(..., S, B, in)``
+    member by member."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.mT + self.bias
+
+
 def tanh_mlp(in_dim: int, out_dim: int, hidden_dim: int = 200) -> nn.Sequential:
     """Two tanh layers of ``hidden_dim`` then a linear output layer (the papers' vector posterior net)."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim),
+        MemberLinear(in_dim, hidden_dim),
         nn.Tanh(),
-        nn.Linear(hidden_dim, hidden_dim),
+        MemberLinear(hidden_dim, hidden_dim),
         nn.Tanh(),
-        nn.Linear(hidden_dim, out_dim),
+        MemberLinear(hidden_dim, out_dim),
     )

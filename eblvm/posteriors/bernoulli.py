@@ -6,12 +6,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from eblvm import noise
 from eblvm.errors import require, require_choice
 from eblvm.models.base import EnergyModel
-from eblvm.posteriors.base import Posterior, tanh_mlp
+from eblvm.posteriors.base import MemberLinear, Posterior, tanh_mlp
 
 LOG_PROB_FORMS = ("bernoulli", "concrete")
 SAMPLE_KINDS = ("relaxed", "binary")
@@ -84,6 +83,8 @@ class BernoulliFamily(Posterior):
 class RelaxedBernoulliPosterior(BernoulliFamily):
     """Learned relaxed-Bernoulli ``q_φ(h|v)`` with linear logits (``net=linear``) or a two-layer tanh MLP."""
 
+    member_broadcast = True
+
     def __init__(
         self,
         v_dim: int,
@@ -95,7 +96,7 @@ class RelaxedBernoulliPosterior(BernoulliFamily):
     ):
         super().__init__(h_dim, temperature, log_prob, sample="relaxed")
         require_choice("net", net, ("linear", "mlp"))
-        self.logits = nn.Linear(v_dim, h_dim) if net == "linear" else tanh_mlp(v_dim, h_dim, hidden_dim)
+        self.logits = MemberLinear(v_dim, h_dim) if net == "linear" else tanh_mlp(v_dim, h_dim, hidden_dim)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         return self.logits(v)

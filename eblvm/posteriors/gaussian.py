@@ -50,6 +50,8 @@ class GaussianPosterior(Posterior):
 class GaussianMLPPosterior(GaussianPosterior):
     """Gaussian q from a two-layer tanh MLP (the papers' net for vector data)."""
 
+    member_broadcast = True
+
     def __init__(self, v_dim: int, h_dim: int, hidden_dim: int = 200):
         super().__init__(h_dim)
         self.net = tanh_mlp(v_dim, 2 * h_dim, hidden_dim)
