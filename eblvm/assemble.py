@@ -440,6 +440,13 @@ def rebuild(
     file = resolve_checkpoint(checkpoint)
     saved = load_checkpoint(file) if saved is None else saved
     config, data_shapes = saved_config(saved, file)
+    if config.ensemble.size > 1:
+        raise ConfigError(
+            "checkpoint",
+            str(file),
+            f"is an ensemble's ({config.ensemble.size} members): use a member's run directory <run>/members/<k>, "
+            "or export one with python -m eblvm.ensemble <run> --member k",
+        )
     config.merge_with_dotlist(list(overrides))
     if not with_data and data_shapes is None:
         raise ConfigError("checkpoint", str(file), "holds no data shapes (format 0): rebuild it with its data")

@@ -1,4 +1,4 @@
-"""Train S runs in one process: ``python train.py ensemble.size=S [ensemble.vary.optim.lr=[...]]`` (docs/methods.md §9).
+"""Train S runs in one process: ``python train.py ensemble.size=S`` (docs/methods.md §9).
 
 Member ``k`` is the run its config would be alone, ``seed = ensemble.seeds[k]`` (default ``seed + k``) and each
 varied key at its ``k``-th value: it starts from the weights that seed draws, sees the batches that seed shuffles
@@ -62,6 +62,12 @@ class EnsembleConfig:
 
     def __post_init__(self):
         require(isinstance(self.size, int) and self.size >= 1, "ensemble.size", self.size, "an integer >= 1")
+        require(
+            self.size > 1 or (self.seeds is None and not self.vary),
+            "ensemble.size",
+            self.size,
+            "is 1, so ensemble.seeds and ensemble.vary would be ignored: set ensemble.size to their length",
+        )
         if self.seeds is not None:
             require(
                 len(self.seeds) == self.size and len(set(self.seeds)) == self.size,
@@ -108,14 +114,16 @@ def is_ensemble(cfg: DictConfig) -> bool:
 def member_config(cfg: DictConfig, ensemble: EnsembleConfig, member: int) -> DictConfig:
     """The config of member ``member`` as a run of its own (resolved): its seed, its values of the varied keys,
     ``ensemble.size=1`` and its own run directory ``<run>/members/<member>``."""
-    config = copy.deepcopy(cfg)  # varied before resolving: a key that follows another (posterior_lr) follows it
+    # set before resolving, so that keys following these (posterior_lr, the loggers' and checkpoints' folders)
+    # follow the member's values
+    config = copy.deepcopy(cfg)
     config.seed = ensemble.member_seeds(cfg.seed)[member]
     for key, values in ensemble.vary.items():
         OmegaConf.update(config, key, values[member])
+    config.run_name = f"{cfg.run_name}_member{member}"
+    config.paths.output_dir = str(Path(cfg.paths.output_dir) / MEMBERS_DIR / str(member))
     config = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
     config.ensemble = {"size": 1, "seeds": None, "vary": {}}
-    config.run_name = f"{config.run_name}_member{member}"
-    config.paths.output_dir = str(Path(cfg.paths.output_dir) / MEMBERS_DIR / str(member))
     config.ckpt_path, config.auto_resume = None, False
     return config
 
@@ -172,6 +180,21 @@ class EnsembleParts:
 
 
 def _check_ensemble(cfg: DictConfig, ensemble: EnsembleConfig) -> None:
+    """Refuse, before anything is built, what an ensemble cannot train."""
+    model_class = get_object(cfg.model._target_)
+    require(
+        getattr(model_class, "member_broadcast", False) or bool(getattr(model_class, "member_methods", {})),
+        "model",
+        model_class.__name__,
+        "trains only alone (no member_broadcast or member_methods): ensembles train e.g. model=grbm or "
+        "model=gaussian_linear",
+    )
+    require(
+        not OmegaConf.select(cfg, "data.random_flip", default=False),
+        "data.random_flip",
+        True,
+        "flips image batches, and ensembles train vector models: use false",
+    )
     devices = cfg.trainer.get("devices", 1)
     require(devices == 1, "trainer.devices", devices, "an ensemble trains in one process: use trainer.devices=1")
     require(cfg.get("ema_decay") is None, "ema_decay", cfg.get("ema_decay"), "ensembles train without EMA: use null")
@@ -197,20 +220,12 @@ def assemble_ensemble(cfg: DictConfig) -> EnsembleParts:
     configs = [member_config(cfg, ensemble, k) for k in range(ensemble.size)]
     members = [assemble(config) for config in configs]
     first = members[0]
-    model_class = type(first.model)
-    require(
-        model_class.member_broadcast or bool(model_class.member_methods),
-        "model",
-        model_class.__name__,
-        "trains only alone (no member_broadcast or member_methods): ensembles train e.g. model=grbm or "
-        "model=gaussian_linear",
-    )
     for parts in members[1:]:
         require(
             torch.equal(parts.datamodule.train_data, first.datamodule.train_data),
             "ensemble.seeds",
             ensemble.member_seeds(cfg.seed),
-            "give the members different training data: an ensemble's members share their data (fix data.*.seed)",
+            "give the members different training data, and an ensemble's members share theirs: fix data.*.seed",
         )
     model = stack([parts.model for parts in members])
     posterior = None
@@ -244,10 +259,10 @@ def assemble_ensemble(cfg: DictConfig) -> EnsembleParts:
         max_consecutive_skips=cfg.max_consecutive_skips,
         run_record=record,
         seeds=seeds,
-        energy_rates=optim.member_rates(optim.lr, [config.optim.lr for config in configs]),
-        posterior_rates=optim.member_rates(optim.posterior_lr, [config.optim.posterior_lr for config in configs]),
+        energy_rates=optim.member_rates("lr", [config.optim.lr for config in configs]),
+        posterior_rates=optim.member_rates("posterior_lr", [config.optim.posterior_lr for config in configs]),
     )
-    datamodule = first.datamodule
+    datamodule = copy.copy(first.datamodule)  # the ensemble's own (member 0 evaluates on the first one)
     datamodule.shuffle_seeds = seeds
     return EnsembleParts(configs, members, module, datamodule, member_shapes)
 
@@ -286,16 +301,12 @@ def _loggers(cfg: DictConfig, configs: list[DictConfig]) -> tuple[list, list[lis
             continue
         for member, config in enumerate(configs):
             Path(config.paths.output_dir).mkdir(parents=True, exist_ok=True)
-            member_loggers[member].append(
-                instantiate_node(
-                    f"logger.{name}",
-                    node,
-                    name=config.run_name,
-                    group=cfg.run_name,
-                    save_dir=config.paths.output_dir,
-                    reinit="create_new",
-                )  # fmt: skip
-            )
+            logger = instantiate_node(
+                f"logger.{name}", node, name=config.run_name, group=cfg.run_name,
+                save_dir=config.paths.output_dir, reinit="create_new",
+            )  # fmt: skip
+            logger.log_hyperparams(OmegaConf.to_container(config))
+            member_loggers[member].append(logger)
     return csv_loggers, member_loggers
 
 
@@ -310,6 +321,7 @@ class MemberEvaluation(pl.Callback):
         self.member_log = member_log
         self.monitor, self.mode = monitor, mode
         self.best: list[float | None] = [None] * len(parts.members)
+        self.last_validation: list[dict[str, float]] = [{} for _ in parts.members]
         self._modules: list[pl.LightningModule | None] = [None] * len(parts.members)
         self._trainers: list[pl.Trainer | None] = [None] * len(parts.members)
 
@@ -319,8 +331,9 @@ class MemberEvaluation(pl.Callback):
             self._modules[member] = parts.module(config)
             limits = {key: config.trainer[key] for key in ("limit_val_batches", "limit_test_batches")
                       if key in config.trainer}  # fmt: skip
+            device = "cuda" if config.trainer.accelerator in ("gpu", "cuda") else "cpu"
             self._trainers[member] = evaluation_trainer(
-                parts, Path(config.paths.output_dir), enable_progress_bar=False, **limits
+                parts, Path(config.paths.output_dir), device, enable_progress_bar=False, **limits
             )
         module = self._modules[member]
         module.load_state_dict(self.parts.member_state(member))
@@ -351,6 +364,7 @@ class MemberEvaluation(pl.Callback):
         if trainer.sanity_checking:
             return
         for member, metrics in enumerate(self.evaluate(trainer.global_step)):
+            self.last_validation[member] = metrics
             self._save(member, "last")
             value = metrics.get(self.monitor) if self.monitor else None
             if value is not None and math.isfinite(value) and bool(pl_module.active[member]):
@@ -379,6 +393,9 @@ class MemberEvaluation(pl.Callback):
             (metrics,) = trainer.test(module, self.parts.members[member].datamodule, verbose=False)
             metrics = {name: float(value) for name, value in metrics.items()}
             self.member_log(step, member, metrics)
+            for callback in self.parts.members[member].evaluation_callbacks:
+                for key, path in callback.figures.items():
+                    self.member_log.log_image(step, member, f"test/{key}", path)
             results.append({"metrics": metrics, "tested": tested, "best_checkpoint": str(best) if best.is_file()
                             else "", "last_checkpoint": str(last)})  # fmt: skip
         return results
@@ -431,6 +448,9 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
             member_parts, config, test["metrics"], steps=steps, member=member, seed=config.seed,
             tested=test["tested"], best_checkpoint=test["best_checkpoint"], last_checkpoint=test["last_checkpoint"],
             masked=[event for event in parts.module.masked_events if event["member"] == member],
+            evaluated_weights="raw",
+            **{key: value for key, value in evaluation.last_validation[member].items() if key.startswith(
+                "val/gradient_bias")},
             # a member's share of the ensemble's training time, so tables compare it with a run alone
             train_seconds=round(train_seconds / len(parts.members), 2),
             ms_per_step=round(1000 * train_seconds / max(steps, 1) / len(parts.members), 3),

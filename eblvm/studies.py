@@ -82,10 +82,10 @@ def launch_ensembles(
     commands = {}
     for method in methods:
         out = runs_dir / method.name
-        command = [
-            sys.executable, str(ROOT / "train.py"), *method.overrides, *common, f"seed={seeds[0]}",
-            f"ensemble.size={len(seeds)}", f"ensemble.seeds=[{','.join(map(str, seeds))}]", f"hydra.run.dir={out}",
-        ]  # fmt: skip
+        command = [sys.executable, str(ROOT / "train.py"), *method.overrides, *common, f"seed={seeds[0]}"]
+        if len(seeds) > 1:
+            command += [f"ensemble.size={len(seeds)}", f"ensemble.seeds=[{','.join(map(str, seeds))}]"]
+        command.append(f"hydra.run.dir={out}")
         commands[method.name] = (command, out)
     return _run_all(commands, jobs)
 
@@ -94,7 +94,9 @@ def collect(method_dir: Path) -> list[dict]:
     """The ``summary.json`` of every finished run under ``method_dir`` (runs of a multirun, or an ensemble's
     members), each with its ``seed`` and ``run_dir``."""
     runs = []
-    for summary_file in sorted([*method_dir.glob("*/summary.json"), *method_dir.glob("members/*/summary.json")]):
+    single = [method_dir / "summary.json"] if "members" not in read_summary(method_dir) else []  # a run alone
+    summary_files = [*single, *method_dir.glob("*/summary.json"), *method_dir.glob("members/*/summary.json")]
+    for summary_file in sorted(file for file in summary_files if file.is_file()):
         summary = read_summary(summary_file.parent)
         config = yaml.safe_load((summary_file.parent / "config.yaml").read_text())
         runs.append({**summary, "seed": config["seed"], "run_dir": str(summary_file.parent), "config": config})

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from eblvm import noise
-from eblvm.assemble import assemble
+from eblvm.assemble import assemble, rebuild
 from eblvm.checkpoints import load_checkpoint
 from eblvm.ensemble import EnsembleConfig, assemble_ensemble, export_member, member_config, run_ensemble
 from eblvm.errors import ConfigError
@@ -26,6 +26,9 @@ OBJECTIVES = {
     "bissm": ["objective=bism", "objective.higher=ssm"],
     "bimdsm": ["objective=bism", "objective.higher=mdsm"],
     "bism_iwae_particles": ["objective=bism", "objective.lower=iwae", "objective.n_particles=2"],
+    "bidsm_clipped": ["objective=bism", "optim.clip_grad_norm=0.5"],
+    "bidsm_sgd_momentum": ["objective=bism", "optim=sgd", "optim.momentum=0.9", "optim.lr=0.01"],
+    "bidsm_exact_posterior": ["objective=bism", "posterior=grbm_exact"],
     "sm": ["objective=sm"],
     "dsm": ["objective=dsm"],
     "ssm": ["objective=ssm"],
@@ -145,18 +148,22 @@ def test_an_ensemble_run_writes_members_as_ordinary_runs(tmp_path):
     assert "member" in header and "val/log_likelihood" in header and "train/loss" in header
     members = {row.split(",")[header.index("member")] for row in rows[1:]}
     assert members == {"0", "1"}
+    member_lls = []
     for member in range(2):
         member_dir = out / "members" / str(member)
         member_summary = json.loads((member_dir / "summary.json").read_text())
         assert member_summary["seed"] == cfg.seed + member
-        assert member_summary["test/log_likelihood"] == pytest.approx(
-            summary["mean"]["test/log_likelihood"], abs=10 * max(summary["std"]["test/log_likelihood"], 1e-6)
-        )
+        member_lls.append(member_summary["test/log_likelihood"])
         last = load_checkpoint(member_dir / "checkpoints" / "last.ckpt")
         assert last["eblvm"]["config"]["seed"] == cfg.seed + member
         exported = load_checkpoint(export_member(out, member, tmp_path / f"exported{member}.ckpt"))
         for name, value in last["state_dict"].items():
             assert torch.equal(exported["state_dict"][name], value), name
+    assert member_lls[0] != member_lls[1]
+    assert summary["mean"]["test/log_likelihood"] == pytest.approx(sum(member_lls) / 2, rel=1e-12)
+    assert summary["std"]["test/log_likelihood"] == pytest.approx(abs(member_lls[0] - member_lls[1]) / 2**0.5)
+    with pytest.raises(ConfigError, match="is an ensemble's"):
+        rebuild(out)
 
 
 def test_ensemble_settings_are_checked_before_any_work(tmp_path):
@@ -165,6 +172,8 @@ def test_ensemble_settings_are_checked_before_any_work(tmp_path):
         "ensemble.vary.optim.lr": ["ensemble.size=2", "+ensemble.vary.optim.lr=[0.1]"],
         "ensemble.seeds": ["ensemble.size=2", "ensemble.seeds=[1,1]"],
         "on_nonfinite": ["ensemble.size=2", "on_nonfinite=skip"],
+        "ensemble.size": ["ensemble.size=1", "ensemble.seeds=[4]"],
+        "model": ["ensemble.size=2", "experiment=digits_bimdsm"],
         "ensemble.vary.objective.sigma": [
             "ensemble.size=2", "objective.higher=mdsm", "+ensemble.vary.objective.sigma=[1,2]"
         ],

@@ -4,8 +4,10 @@
 operation shared by the members, and each member's numbers its own. Losses have one value per member and the
 backward pass takes their sum, whose gradient in member ``k``'s parameters is member ``k``'s alone. Gradient norms,
 clipping, learning rates and the finiteness decision are per member. A member whose loss or gradient turns
-non-finite is masked: from then on its parameters and optimizer state are frozen (its learning rate is 0 and its
-gradients are zeroed), the event is recorded, and the others go on; the run stops only when every member is masked.
+non-finite is masked: from then on its learning rate is 0 and its gradients are zeroed, so its parameters stay at
+their last finite values (its optimizer's moments only decay), the event is recorded, and the others go on; the run
+stops only when every member is masked. Within an iteration, q's steps stop for a member at its first non-finite
+lower step.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from eblvm.bilevel.module import BilevelModule
 from eblvm.bilevel.optim import member_learning_rates
-from eblvm.errors import DivergenceError, require
+from eblvm.errors import DivergenceError
 from eblvm.members import member_norms
 from eblvm.noise import MemberGenerators
 
@@ -45,12 +47,6 @@ class EnsembleModule(BilevelModule):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        require(
-            self.on_nonfinite == "stop",
-            "on_nonfinite",
-            self.on_nonfinite,
-            "an ensemble masks a non-finite member and stops when every member is masked: use on_nonfinite=stop",
-        )
         self.seeds = [int(seed) for seed in seeds]
         self.n_members = len(self.seeds)
         self.rates = {"energy": energy_rates, "posterior": posterior_rates}
@@ -81,9 +77,11 @@ class EnsembleModule(BilevelModule):
         return member_norms([p.grad for p in params if p.grad is not None], self.n_members).to(self.device)
 
     def _step_lower(self, optimizer: torch.optim.Optimizer, checks: list[tuple[str, torch.Tensor]]) -> None:
-        """q's step for the members still active whose step is finite, decided on the device (no host copy)."""
-        finite = torch.isfinite(torch.stack([value for _, value in checks])).all(0)
-        optimizer.param_groups[0]["member_mask"] = self.active & finite
+        """q's step for the active members whose lower steps so far in this iteration were all finite, decided on
+        the device (no host copy); the mask is reset after the iteration's decision (``_finite``)."""
+        group = optimizer.param_groups[0]
+        so_far = self.active if group["member_mask"] is None else group["member_mask"]
+        group["member_mask"] = so_far & torch.isfinite(torch.stack([value for _, value in checks])).all(0)
         optimizer.step()
 
     def _clip(self, optimizer) -> None:
@@ -117,14 +115,20 @@ class EnsembleModule(BilevelModule):
                 raise DivergenceError(
                     self.global_step, f"every member ({self.n_members}) masked; the last: {name}", value
                 )
-        # the energy's step leaves masked members as they are (no mask, and no cost, while every member is active)
-        mask = None if self._all_active else self.active.clone()
-        self._as_list(self.optimizers())[0].optimizer.param_groups[0]["member_mask"] = mask
+        # the energy's step leaves masked members as they are (no mask, and no cost, while every member is active);
+        # q's next lower steps start again from the active members
+        mask = None if not self.masked_events else self.active.clone()
+        for optimizer in self._as_list(self.optimizers()):
+            optimizer.optimizer.param_groups[0]["member_mask"] = mask
         return True
 
-    @property
-    def _all_active(self) -> bool:
-        return len(self.masked_events) == 0
+    def on_train_start(self) -> None:
+        """The members' rates on the module's device (a resumed optimizer's groups come back on the CPU)."""
+        for optimizer in self._as_list(self.optimizers()):
+            for group in optimizer.optimizer.param_groups:
+                for key in ("lr_scale", "lr_shift", "member_mask"):
+                    if isinstance(group.get(key), torch.Tensor):
+                        group[key] = group[key].to(self.device)
 
     def _log_training(self, checks: list[tuple[str, torch.Tensor]], optimizer, batch_size: int) -> None:
         """Each member's row: the last lower step's loss and gradient norm, the higher loss, its gradient norm and

@@ -220,15 +220,19 @@ class OptimConfig:
             "must be > 0, or null to disable clipping",
         )
 
-    def member_rates(self, lr: float, member_lrs: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    def member_rates(self, key: str, member_lrs: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a, b)``, one value per member, with ``a_k·r(t) + b_k`` member ``k``'s learning rate at every step when
-        ``r(t)`` is the schedule starting from ``lr`` (``member_learning_rates``).
+        ``r(t)`` is the schedule starting from this config's ``key`` (``lr`` or ``posterior_lr``;
+        ``member_learning_rates``).
 
         Every schedule here is affine in its initial rate, ``r(t) = m + (lr − m)·c(t)`` with ``m = min_lr`` for
         ``cosine`` and 0 for ``const`` and ``step``; so ``a_k = (lr_k − m)/(lr − m)`` and ``b_k = m(1 − a_k)``.
         """
+        lr = getattr(self, key)
+        if all(member_lr == lr for member_lr in member_lrs):
+            return torch.ones(len(member_lrs)), torch.zeros(len(member_lrs))
         floor = self.min_lr if self.scheduler == "cosine" else 0.0
-        require(lr != floor, "lr", lr, f"must differ from optim.min_lr={floor} for members to have their own rates")
+        require(lr != floor, key, lr, f"must differ from optim.min_lr={floor} for members to have rates of their own")
         scale = torch.tensor([(member_lr - floor) / (lr - floor) for member_lr in member_lrs])
         return scale, floor * (1 - scale)
 

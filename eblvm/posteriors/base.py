@@ -94,7 +94,8 @@ class MemberLinear(nn.Linear):
     member by member."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.mT + self.bias
+        product = x @ self.weight.mT
+        return product if self.bias is None else product + self.bias
 
 
 def tanh_mlp(in_dim: int, out_dim: int, hidden_dim: int = 200) -> nn.Sequential:
