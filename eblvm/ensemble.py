@@ -301,10 +301,13 @@ def _loggers(cfg: DictConfig, configs: list[DictConfig]) -> tuple[list, list[lis
             continue
         for member, config in enumerate(configs):
             Path(config.paths.output_dir).mkdir(parents=True, exist_ok=True)
+            # W&B's own keys: the ensemble's group, and one run of its own per member in this process
+            member_node = OmegaConf.create(
+                {**OmegaConf.to_container(node, resolve=True), "group": cfg.run_name, "reinit": "create_new"}
+            )
             logger = instantiate_node(
-                f"logger.{name}", node, name=config.run_name, group=cfg.run_name,
-                save_dir=config.paths.output_dir, reinit="create_new",
-            )  # fmt: skip
+                f"logger.{name}", member_node, name=config.run_name, save_dir=config.paths.output_dir
+            )
             logger.log_hyperparams(OmegaConf.to_container(config))
             member_loggers[member].append(logger)
     return csv_loggers, member_loggers

@@ -139,6 +139,7 @@ def test_an_ensemble_run_writes_members_as_ordinary_runs(tmp_path):
     exported from the ensemble's last checkpoint equals the member's own last checkpoint."""
     out = tmp_path / "run"
     overrides = ["ensemble.size=2", "evaluation.gradient_bias_repeats=2", "trainer.log_every_n_steps=10"]
+    overrides.append("logger=wandb")  # metrics.csv and a W&B run per member, grouped under the ensemble
     cfg = compose_train_config(out, FAST_RUN + overrides)
     summary = run_ensemble(cfg)
     assert summary["members"] == 2 and summary["seeds"] == [cfg.seed, cfg.seed + 1]
