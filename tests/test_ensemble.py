@@ -15,6 +15,7 @@ from eblvm.ensemble import EnsembleConfig, assemble_ensemble, export_member, mem
 from eblvm.errors import ConfigError
 from eblvm.members import member_slice
 from eblvm.noise import MemberGenerators
+from eblvm.sample import sample
 from tests.conftest import FAST_RUN, compose_train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -220,3 +221,16 @@ def test_a_resumed_ensemble_equals_the_uninterrupted_one(tmp_path):
     assert first.keys() == second.keys()
     for name, value in first.items():
         assert torch.equal(second[name], value), name
+
+
+def test_a_member_checkpoint_samples_and_evaluates_as_a_single_run(tmp_path):
+    """A member's own checkpoint is an ordinary one: ``eblvm.sample`` draws images from a digits GRBM member."""
+    overrides = [
+        "data=digits", "model.h_dim=16", "objective=cd", "trainer.max_steps=10", "trainer.val_check_interval=5",
+        "trainer.limit_val_batches=1", "logger=csv", "callbacks.progress.refresh_rate=0", "sampling.gibbs_sweeps=5",
+        "sampling.n_samples=16", "sampling.n_images=8", "ensemble.size=2",
+    ]  # fmt: skip
+    out = tmp_path / "run"
+    run_ensemble(compose_train_config(out, overrides))
+    samples = sample(out / "members" / "1", n_samples=8, out=tmp_path / "samples")
+    assert (samples / "grid.png").stat().st_size > 0
