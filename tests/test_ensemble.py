@@ -116,9 +116,9 @@ def test_member_generators_draw_what_each_seed_draws():
 
 
 def test_a_diverging_member_is_masked_and_the_others_go_on(tmp_path):
-    """A member whose loss turns non-finite keeps its last finite parameters (frozen, the event recorded) while the
-    other members train as they would have."""
-    overrides = FAST_RUN + ["data.batch_size=20", "objective=dsm"]
+    """A member whose loss turns non-finite keeps its last finite parameters, energy and q (frozen, the event
+    recorded), while the other members train as they would have."""
+    overrides = FAST_RUN + ["data.batch_size=20", "objective=bism"]
     cfg = compose_train_config(tmp_path / "ensemble", overrides + ["ensemble.size=2", "seed=11"])
     parts = assemble_ensemble(cfg)
     with torch.no_grad():

@@ -6,8 +6,8 @@ backward pass takes their sum, whose gradient in member ``k``'s parameters is me
 clipping, learning rates and the finiteness decision are per member. A member whose loss or gradient turns
 non-finite is masked: from then on its learning rate is 0 and its gradients are zeroed, so its parameters stay at
 their last finite values (its optimizer's moments only decay), the event is recorded, and the others go on; the run
-stops only when every member is masked. Within an iteration, q's steps stop for a member at its first non-finite
-lower step.
+stops only when every member is masked. A member masked at the end of an iteration gets back its q of before
+that iteration, so its q too stays at its last finite state.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class EnsembleModule(BilevelModule):
         self.register_buffer("active", torch.ones(self.n_members, dtype=torch.bool))
         self.masked_events: list[dict[str, Any]] = []
         self.member_log = None
+        self._q_before: list | None = None
 
     def _new_generator(self) -> MemberGenerators:
         return MemberGenerators(self.seeds, device=self.device)
@@ -76,13 +77,28 @@ class EnsembleModule(BilevelModule):
     def _grad_norm(self, params) -> torch.Tensor:
         return member_norms([p.grad for p in params if p.grad is not None], self.n_members).to(self.device)
 
-    def _step_lower(self, optimizer: torch.optim.Optimizer, checks: list[tuple[str, torch.Tensor]]) -> None:
-        """q's step for the active members whose lower steps so far in this iteration were all finite, decided on
-        the device (no host copy); the mask is reset after the iteration's decision (``_finite``)."""
-        group = optimizer.param_groups[0]
-        so_far = self.active if group["member_mask"] is None else group["member_mask"]
-        group["member_mask"] = so_far & torch.isfinite(torch.stack([value for _, value in checks])).all(0)
-        optimizer.step()
+    def _posterior_state(self, optimizer, scheduler) -> None:
+        """Copies of q's weights and optimizer moments before the iteration, from which a member masked at its end
+        gets back its q (``_finite``); nothing for the base class to restore (an ensemble never skips)."""
+        self._q_before = None
+        if self.trains_posterior:
+            params = list(self.posterior.parameters())
+            state = optimizer.optimizer.state
+            self._q_before = [
+                (p, p.detach().clone(), {k: v.clone() for k, v in state.get(p, {}).items() if torch.is_tensor(v)})
+                for p in params
+            ]
+        return None
+
+    def _restore_members(self, members: list[int]) -> None:
+        """q's weights and moments of ``members`` as they were before this iteration."""
+        optimizer = self._as_list(self.optimizers())[1].optimizer if self._q_before else None
+        for param, weights, moments in self._q_before or []:
+            with torch.no_grad():
+                param[members] = weights[members]
+                for key, value in optimizer.state.get(param, {}).items():
+                    if torch.is_tensor(value) and value.dim():  # moments created in this iteration start at 0
+                        value[members] = moments[key][members] if key in moments else 0.0
 
     def _clip(self, optimizer) -> None:
         """Each member's gradient scaled to norm at most ``optim.clip_grad_norm`` (``torch.nn.utils`` semantics)."""
@@ -111,12 +127,12 @@ class EnsembleModule(BilevelModule):
                     value,
                 )
             self.active &= ~newly
+            self._restore_members(newly.nonzero().flatten().tolist())
             if not bool(self.active.any()):
                 raise DivergenceError(
                     self.global_step, f"every member ({self.n_members}) masked; the last: {name}", value
                 )
-        # the energy's step leaves masked members as they are (no mask, and no cost, while every member is active);
-        # q's next lower steps start again from the active members
+        # the steps leave masked members as they are (no mask, and no cost, while every member is active)
         mask = None if not self.masked_events else self.active.clone()
         for optimizer in self._as_list(self.optimizers()):
             optimizer.optimizer.param_groups[0]["member_mask"] = mask
