@@ -30,7 +30,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from eblvm.assemble import RunParts, assemble, build_dataclass, check_run_settings, instantiate_node
+from eblvm.assemble import RunParts, assemble, build_dataclass, instantiate_node
 from eblvm.bilevel.ensemble import EnsembleModule
 from eblvm.bilevel.optim import OptimConfig, member_learning_rates
 from eblvm.callbacks import LastCheckpoint
@@ -38,13 +38,7 @@ from eblvm.checkpoints import FORMAT_VERSION, RECORD_KEY, CheckpointIO, last_che
 from eblvm.errors import ConfigError, require
 from eblvm.evaluate import evaluation_trainer
 from eblvm.members import member_slice, stack, stack_parameters
-from eblvm.run import (
-    _lightning_callbacks,
-    check_resume,
-    resume_checkpoint,
-    summarize,
-    training_only_metrics,
-)
+from eblvm.run import _lightning_callbacks, checked_start, summarize, training_only_metrics, write_config
 
 # The settings members may differ in, besides their seeds: continuous ones the stacked step takes per member.
 VARIABLE_KEYS = ("optim.lr", "optim.posterior_lr", "objective.sigma")
@@ -416,17 +410,11 @@ def _mean_and_std(summaries: list[dict[str, Any]]) -> tuple[dict[str, float], di
 
 def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate the ensemble ``cfg`` describes; returns the summary written to ``summary.json``."""
-    out = Path(cfg.paths.output_dir)
-    check_run_settings(cfg)
-    resume_from = resume_checkpoint(cfg, out)
-    if resume_from is not None:
-        check_resume(cfg, resume_from, out)
+    out, resume_from = checked_start(cfg)
     parts = assemble_ensemble(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_config(cfg, out)
     for config in parts.configs:
-        Path(config.paths.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.paths.output_dir) / "config.yaml").write_text(OmegaConf.to_yaml(config))
+        write_config(config, Path(config.paths.output_dir))
     member_log = MemberLog(*_loggers(cfg, parts.configs))
     parts.module.member_log = member_log
     monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor")

@@ -181,16 +181,28 @@ def summarize(parts: RunParts, cfg: DictConfig, metrics: dict[str, float], **fac
     }
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and evaluate the configured model; returns the summary also written to ``summary.json``."""
+def checked_start(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to continue from, once the run's settings (and, when it resumes, the
+    saved config) are checked: before anything is built."""
     out = Path(cfg.paths.output_dir)
     check_run_settings(cfg)
     resume_from = resume_checkpoint(cfg, out)
     if resume_from is not None:
         check_resume(cfg, resume_from, out)
-    parts = assemble(cfg)
+    return out, resume_from
+
+
+def write_config(cfg: DictConfig, out: Path) -> None:
+    """``<out>/config.yaml``: the resolved config of the run that writes ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and evaluate the configured model; returns the summary also written to ``summary.json``."""
+    out, resume_from = checked_start(cfg)
+    parts = assemble(cfg)
+    write_config(cfg, out)
     module = parts.module(cfg)
     loggers = _instantiate_loggers(cfg, out, resume_from)
     callbacks = [*_lightning_callbacks(cfg), *parts.evaluation_callbacks, LastCheckpoint(last_checkpoint(out))]
