@@ -342,25 +342,23 @@ class MemberEvaluation(pl.Callback):
         CheckpointIO().save_checkpoint(self.parts.member_checkpoint(member), path)
         return path
 
-    def evaluate(self, step: int, stage: str = "val") -> list[dict[str, float]]:
-        """Every member's metrics on the ``stage`` split at the ensemble's step ``step``."""
-        results = []
-        for member in range(len(self.parts.members)):
-            module, trainer = self._member(member)
-            run_split = trainer.validate if stage == "val" else trainer.test
-            (metrics,) = run_split(module, self.parts.members[member].datamodule, verbose=False)
-            metrics = {name: float(value) for name, value in metrics.items()}
-            self.member_log(step, member, metrics)
-            for callback in self.parts.members[member].evaluation_callbacks:
-                for key, path in callback.figures.items():
-                    self.member_log.log_image(step, member, f"{stage}/{key}", path)
-            results.append(metrics)
-        return results
+    def _evaluate(self, member: int, stage: str, step: int, module: pl.LightningModule, trainer: pl.Trainer):
+        """``module``'s metrics on the ``stage`` split (val or test), written with its figures by ``MemberLog`` at
+        the ensemble's ``step``."""
+        run_split = trainer.validate if stage == "val" else trainer.test
+        (metrics,) = run_split(module, self.parts.members[member].datamodule, verbose=False)
+        metrics = {name: float(value) for name, value in metrics.items()}
+        self.member_log(step, member, metrics)
+        for callback in self.parts.members[member].evaluation_callbacks:
+            for key, path in callback.figures.items():
+                self.member_log.log_image(step, member, f"{stage}/{key}", path)
+        return metrics
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        for member, metrics in enumerate(self.evaluate(trainer.global_step)):
+        for member in range(len(self.parts.members)):
+            metrics = self._evaluate(member, "val", trainer.global_step, *self._member(member))
             self.last_validation[member] = metrics
             self._save(member, "last")
             value = metrics.get(self.monitor) if self.monitor else None
@@ -387,12 +385,7 @@ class MemberEvaluation(pl.Callback):
             module, trainer = self._member(member)
             if tested == "best checkpoint":
                 module.load_state_dict(load_checkpoint(best)["state_dict"])
-            (metrics,) = trainer.test(module, self.parts.members[member].datamodule, verbose=False)
-            metrics = {name: float(value) for name, value in metrics.items()}
-            self.member_log(step, member, metrics)
-            for callback in self.parts.members[member].evaluation_callbacks:
-                for key, path in callback.figures.items():
-                    self.member_log.log_image(step, member, f"test/{key}", path)
+            metrics = self._evaluate(member, "test", step, module, trainer)
             results.append({"metrics": metrics, "tested": tested, "best_checkpoint": str(best) if best.is_file()
                             else "", "last_checkpoint": str(last)})  # fmt: skip
         return results

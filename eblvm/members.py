@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -76,11 +77,15 @@ def _set(module: nn.Module, name: str, value: torch.Tensor, parameter: bool) -> 
         module.register_buffer(leaf, value, persistent=leaf not in module._non_persistent_buffers_set)
 
 
-def _stacked_tensors(module: nn.Module, members: Sequence[nn.Module]) -> None:
-    """Replace every parameter and buffer of ``module`` by the members' values stacked on a new leading axis."""
+def _stack_tensors(module: nn.Module, members: Sequence[nn.Module], names: Iterable[str], shape=None) -> None:
+    """Replace the tensors ``names`` of ``module`` by the members' values stacked on a new leading axis, each in
+    ``shape(name, single-run shape)`` when given."""
     parameters = {name for name, _ in module.named_parameters()}
-    for name in _tensor_names(module):
-        stacked = torch.stack([_get(member, name).detach() for member in members])
+    for name in names:
+        values = [_get(member, name).detach() for member in members]
+        stacked = torch.stack(values)
+        if shape is not None:
+            stacked = stacked.reshape(shape(name, values[0].shape))
         if name in parameters:
             stacked.requires_grad_(_get(members[0], name).requires_grad)
         _set(module, name, stacked, name in parameters)
@@ -124,7 +129,7 @@ class StackedModule(nn.Module):
         return tree_map(lambda output: output.movedim(0, out_axis), outputs)
 
 
-def _broadcast_shape(name: str, shape: torch.Size, n_members: int) -> tuple[int, ...]:
+def _broadcast_shape(name: str, shape: torch.Size, *, n_members: int) -> tuple[int, ...]:
     """The member-broadcast shape of a stacked tensor whose members have ``shape``."""
     if len(shape) == 1:
         return (n_members, 1, shape[0])
@@ -145,18 +150,10 @@ def stack(members: Sequence[nn.Module]) -> nn.Module:
     if not (cls.member_broadcast or cls.member_methods):
         raise ValueError(f"{cls.__name__} can be trained only alone: it has no member_broadcast or member_methods")
     stacked = copy.deepcopy(template)
-    shapes = {name: _get(template, name).shape for name in _tensor_names(template)}
-    _stacked_tensors(stacked, members)
     if cls.member_broadcast:
-        for name, shape in shapes.items():
-            value = _get(stacked, name)
-            _set(
-                stacked,
-                name,
-                value.reshape(_broadcast_shape(name, shape, len(members))),
-                isinstance(value, nn.Parameter),
-            )
+        _stack_tensors(stacked, members, _tensor_names(template), partial(_broadcast_shape, n_members=len(members)))
         return stacked
+    _stack_tensors(stacked, members, _tensor_names(template))
     stacked.__class__ = _ensemble_class(cls)
     # the template runs each member's computation with that member's tensors substituted; its own never serve
     stacked.__dict__["_caller"] = _MethodCall(copy.deepcopy(template).to("meta"))
@@ -167,10 +164,7 @@ def stack(members: Sequence[nn.Module]) -> nn.Module:
 def stack_parameters(module: nn.Module, members: Sequence[nn.Module]) -> nn.Module:
     """``module`` (one of ``members``) with each parameter replaced by the members' stacked on a leading axis;
     buffers are kept. For modules written for the member axis, such as an objective's log-normaliser."""
-    parameters = dict(module.named_parameters())
-    for name, parameter in parameters.items():
-        values = torch.stack([_get(member, name).detach() for member in members])
-        _set(module, name, values.requires_grad_(parameter.requires_grad), parameter=True)
+    _stack_tensors(module, members, [name for name, _ in module.named_parameters()])
     return module
 
 

@@ -239,15 +239,10 @@ class BilevelModule(pl.LightningModule):
             loss = self.objective.lower_loss(frozen, q, v, self.generator)
             optimizer.zero_grad(set_to_none=True)
             self._backward(loss)
-            step_checks = [("lower loss", loss.detach()), ("lower gradient norm", self._grad_norm(q_params))]
-            self._step_lower(optimizer.optimizer, step_checks)  # the raw optimizer: global_step counts energy steps
-            checks += step_checks
+            checks += [("lower loss", loss.detach()), ("lower gradient norm", self._grad_norm(q_params))]
+            optimizer.optimizer.step()  # the raw optimizer: global_step counts energy steps only
         scheduler.step()
         return checks
-
-    def _step_lower(self, optimizer: torch.optim.Optimizer, checks: list[tuple[str, torch.Tensor]]) -> None:
-        """One real step of q; its finiteness is decided with the iteration's."""
-        optimizer.step()
 
     def _clip(self, optimizer) -> None:
         """Clip the energy's gradient norm to ``optim.clip_grad_norm``."""

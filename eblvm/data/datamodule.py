@@ -181,16 +181,15 @@ class EBLVMDataModule(pl.LightningDataModule):
             return torch.cat([labels, self.splits.val_labels])
         return labels
 
-    def _loader(self, data: torch.Tensor, batch_size: int, drop_last: bool, sampler=None) -> DataLoader:
+    def _loader(self, rows: Rows, **batching: Any) -> DataLoader:
+        """A resumable loader over ``rows`` with this module's collation and workers; ``batching`` says how rows
+        are batched (``batch_size`` with a ``sampler`` or ``shuffle=False``, or a ``batch_sampler``)."""
         return StatefulDataLoader(
-            Rows(data),
-            batch_size=batch_size,
-            shuffle=False if sampler is None else None,
-            sampler=sampler,
-            drop_last=drop_last,
+            rows,
             collate_fn=_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            **batching,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -200,38 +199,27 @@ class EBLVMDataModule(pl.LightningDataModule):
         member seeds) a batch is ``(S, B, d)``: each member's batch, shuffled as its seed alone would."""
         drop_last = len(self.train_data) >= self.batch_size
         world_size = self.trainer.world_size if self.trainer is not None else 1
+        rows = Rows(self.train_data)
         if self.shuffle_seeds is not None:
             require(world_size == 1, "trainer.devices", world_size, "an ensemble trains in one process: use 1")
             members = [
-                BatchSampler(
-                    RandomSampler(Rows(self.train_data), generator=shuffle_generator(seed)), self.batch_size, drop_last
-                )
+                BatchSampler(RandomSampler(rows, generator=shuffle_generator(seed)), self.batch_size, drop_last)
                 for seed in self.shuffle_seeds
             ]
-            return StatefulDataLoader(
-                Rows(self.train_data, members=len(members)),
-                batch_sampler=MemberBatches(members),
-                collate_fn=_batch,
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-            )
+            return self._loader(Rows(self.train_data, members=len(members)), batch_sampler=MemberBatches(members))
         if world_size > 1:
             sampler = ResumableDistributedSampler(
-                Rows(self.train_data),
-                num_replicas=world_size,
-                rank=self.trainer.global_rank,
-                seed=_lightning_seed(),
-                drop_last=True,
+                rows, num_replicas=world_size, rank=self.trainer.global_rank, seed=_lightning_seed(), drop_last=True
             )
         else:
-            sampler = RandomSampler(Rows(self.train_data), generator=shuffle_generator(_lightning_seed()))
-        return self._loader(self.train_data, self.batch_size, drop_last=drop_last, sampler=sampler)
+            sampler = RandomSampler(rows, generator=shuffle_generator(_lightning_seed()))
+        return self._loader(rows, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.val, self.eval_batch_size, drop_last=False)
+        return self._loader(Rows(self.splits.val), batch_size=self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.test, self.eval_batch_size, drop_last=False)
+        return self._loader(Rows(self.splits.test), batch_size=self.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``random_flip``, mirror each image of a training batch with probability 1/2."""
