@@ -256,6 +256,14 @@ CHECKERBOARD_OBJECTIVES = {
     "checkerboard_pcd": ("pcd", {"k": 1}),
     "checkerboard_ssm": ("ssm", {}),
     "checkerboard_vnce": ("vnce", {"noise": "standard_normal"}),
+    "checkerboard_vagesdsm": ("vages", {"estimator": "vages", "higher": "dsm", "sigma": 0.05, "lower": "elbo",
+                                        "n_lower_steps": 5, "n_unroll": 0, "n_particles": 2,
+                                        "covariance": "unbiased", "share_particles": False}),
+    "checkerboard_vagesksd": ("vages", {"higher": "ksd", "bandwidth": 0.1, "lower": "elbo", "n_lower_steps": 5,
+                                        "n_unroll": 0, "n_particles": 2}),
+    "checkerboard_ksd": ("ksd", {"estimator": "exact", "higher": "ksd", "bandwidth": 0.1}),
+    "checkerboard_is_ksd": ("is_ksd", {"estimator": "importance", "higher": "ksd", "bandwidth": 0.1,
+                                       "n_proposals": 5}),
 }  # fmt: skip
 
 

@@ -91,10 +91,11 @@ def test_ddp_checkpoint_keeps_every_ranks_persistent_chains(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_interrupt_and_resume_equals_the_uninterrupted_run(tmp_path):
-    """Two CPU processes, PCD (per-rank chains, noise generators and data order): 20 steps, then 20 more from
-    last.ckpt, end where 40 steps in one go end."""
-    common = FAST_RUN + DDP + ["objective=pcd", "trainer.val_check_interval=10", "test_checkpoint=last"]
+@pytest.mark.parametrize("objective", ["pcd", "vages"])
+def test_ddp_interrupt_and_resume_equals_the_uninterrupted_run(tmp_path, objective):
+    """Two CPU processes, PCD (per-rank chains, noise generators and data order) and VaGES (per-rank particles, q
+    trained on each rank's batch): 20 steps, then 20 more from last.ckpt, end where 40 steps in one go end."""
+    common = FAST_RUN + DDP + [f"objective={objective}", "trainer.val_check_interval=10", "test_checkpoint=last"]
     run(compose_train_config(tmp_path / "whole", common + ["trainer.max_steps=40"]))
     run(compose_train_config(tmp_path / "split", common + ["trainer.max_steps=20"]))
     resumed = [f"ckpt_path={tmp_path / 'split' / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=40"]

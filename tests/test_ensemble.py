@@ -38,6 +38,11 @@ OBJECTIVES = {
     "pcd": ["objective=pcd"],
     "nce": ["objective=nce"],
     "vnce": ["objective=vnce"],
+    "vages_dsm": ["objective=vages"],
+    "vages_mdsm_biased": ["objective=vages", "objective.higher=mdsm", "objective.covariance=biased"],
+    "vages_ksd": ["objective=vages", "objective.higher=ksd", "objective.bandwidth=median"],
+    "ksd": ["objective=ksd"],
+    "is_ksd": ["objective=is_ksd"],
     "gaussian_linear_bism_fisher": [
         "model=gaussian_linear", "posterior=gaussian_mlp", "posterior.hidden_dim=16", "objective=bism",
         "objective.lower=fisher", "data=moons",
@@ -46,6 +51,10 @@ OBJECTIVES = {
         "model=gaussian_linear", "posterior=gaussian_linear_exact", "objective=bism", "data=moons",
     ],
     "gaussian_linear_dsm": ["model=gaussian_linear", "objective=dsm", "data=moons"],
+    "gaussian_linear_vages_fisher": [
+        "model=gaussian_linear", "posterior=gaussian_mlp", "posterior.hidden_dim=16", "objective=vages",
+        "objective.lower=fisher", "data=moons",
+    ],
 }  # fmt: skip
 
 

@@ -13,10 +13,16 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_checkerboard_study_quick_writes_table_and_figure(tmp_path):
+def _quick_study(tmp_path, *arguments: str) -> str:
     command = [sys.executable, "experiments/checkerboard/study.py", "--setting", "quick", "--out", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run([*command, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def test_checkerboard_studies_quick_write_their_tables_and_figures(tmp_path):
+    """The BiSM study, then the VaGES study, which reads the rows they share from the BiSM study's runs."""
+    _quick_study(tmp_path)
     table = (tmp_path / "results_quick.md").read_text()
     rows = [line for line in table.splitlines() if re.match(r"\| (Bi|DSM|SSM|CD|PCD|NCE|VNCE)", line)]
     assert len(rows) == 12
@@ -24,6 +30,16 @@ def test_checkerboard_study_quick_writes_table_and_figure(tmp_path):
     assert (tmp_path / "density_grid_quick.png").stat().st_size > 10_000
     # each method's seeds trained as one ensemble of 3 members
     assert len(list((tmp_path / "runs" / "quick").glob("*/members/*/summary.json"))) == 36
+
+    output = _quick_study(tmp_path, "--study", "vages")
+    assert "8 methods x 3 seeds" in output, "the shared rows are not trained again"
+    table = (tmp_path / "results_vages_quick.md").read_text()
+    rows = [line for line in table.splitlines() if re.match(r"\| (Bi|DSM|CD|PCD|NCE|VNCE|VaGES|KSD|IS-KSD)", line)]
+    assert len(rows) == 14 and sum("(BiSM study's runs)" in row for row in rows) == 6
+    assert "not in the table" not in table
+    assert len(list((tmp_path / "runs" / "quick").glob("*/members/*/summary.json"))) == 36 + 24
+    assert (tmp_path / "curves_vages_quick.png").stat().st_size > 10_000
+    assert (tmp_path / "density_grid_vages_quick.png").stat().st_size > 10_000
 
 
 def test_nk_study_quick_writes_table_and_gradient_bias_figure(tmp_path):

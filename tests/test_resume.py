@@ -37,8 +37,8 @@ def final_state(run_dir) -> dict:
 
 @pytest.mark.parametrize(
     ("overrides", "stop_step"),
-    [([], 15), (["objective=pcd", "ema_decay=0.9"], 20)],
-    ids=["bism-between-validations", "pcd-ema-at-a-validation"],
+    [([], 15), (["objective=pcd", "ema_decay=0.9"], 20), (["objective=vages"], 15)],
+    ids=["bism-between-validations", "pcd-ema-at-a-validation", "vages-between-validations"],
 )
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, overrides, stop_step):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"

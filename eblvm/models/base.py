@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -62,6 +63,11 @@ class EnergyModel(nn.Module):
             self.log_sigma = nn.Parameter(log_sigma)
         else:
             self.register_buffer("log_sigma", log_sigma)
+
+    def conditional_energy(self, v: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``h ↦ E(v, h)`` for fixed rows ``v``, for evaluating many ``h`` (VaES's latent refinement); a model whose
+        energy has a part that depends on ``v`` alone computes it once here."""
+        return lambda h: self(v, h)
 
     def free_energy(self, v: torch.Tensor) -> torch.Tensor:
         """``F(v) = −log ∫ exp(−E(v, h)) dh``, shape ``(..., B)``."""

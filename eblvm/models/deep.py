@@ -7,7 +7,7 @@ for a pre-activation ELU ResNet ``R``. Leading axes (posterior particles) are fo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,9 +108,16 @@ class LatentEBM(ImageEnergy):
         self.head = nn.Linear(2 * h_dim, self.head_dim)
 
     def forward(self, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        f = self.feature(self.resnet_features(v))
+        return self._head_energy(self.feature(self.resnet_features(v)), h)
+
+    def _head_energy(self, f: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         f, h = torch.broadcast_tensors(f, h)
         return (F.elu(self.head(torch.cat([f + h, h], dim=-1))) ** 2).sum(-1)
+
+    def conditional_energy(self, v: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``h ↦ E(v, h)`` with ``f(v)`` computed once: each call evaluates only the head."""
+        f = self.feature(self.resnet_features(v))
+        return lambda h: self._head_energy(f, h)
 
 
 class EBM(ImageEnergy):

@@ -4,8 +4,9 @@ A loss is called with a score function and a clean batch, ``loss(score_fn, v, ge
 from ``generator`` and returns the batch mean (``batch_mean``: one per member for an ensemble's ``(S, B, d)``
 batch); with per-particle scores ``(L, B, d)`` the per-particle losses are averaged too. ``perturb`` gives the
 input the score is evaluated at (the lower level fits q on the same kind of input) and ``row_weights`` the
-weights of the lower loss's rows. ``residual`` is the detached vector ``z`` with ``∂loss/∂s = z`` per row, for
-estimators that form a surrogate ``zᵀ·ĝ`` instead of differentiating a score.
+weights of the lower loss's rows. ``residual`` is the detached vector ``z`` with ``z_i = B·∂L/∂s_i`` for the batch
+loss ``L`` and the score ``s_i`` of row ``i`` of ``B`` (for a per-row loss, its derivative in that row's score), for
+estimators that form a surrogate ``mean_i z_iᵀ·ĝ_i`` instead of differentiating a score (VaGES, docs/methods.md §4).
 
 Adding a loss: a subclass here and its entry in ``SCORE_LOSSES``; ``objective.higher=<name>`` selects it.
 """
@@ -54,6 +55,7 @@ class ScoreLoss:
 
     name: str
     noised: bool = False
+    has_residual: bool = False  # whether ``residual`` is defined (the loss is linear in each row's score's gradient)
 
     def perturb(self, v: torch.Tensor, generator: torch.Generator) -> Perturbation:
         """The input the score is evaluated at; clean data for losses that add no noise (draws nothing)."""
@@ -64,11 +66,15 @@ class ScoreLoss:
         return None
 
     def residual(self, score: torch.Tensor, perturbation: Perturbation) -> torch.Tensor:
-        """``z = ∂(per-row loss)/∂s``, detached."""
-        raise NotImplementedError(f"{self.name} has no residual form: it is not a quadratic in the score")
+        """``z_i = B·∂L/∂s_i`` at the scores ``score`` of the rows of ``perturbation.inputs``, detached."""
+        raise NotImplementedError(f"{self.name} has no residual form")
+
+    def at(self, score_fn: ScoreFn, perturbation: Perturbation) -> torch.Tensor:
+        """The loss at a given perturbation (noise shared with another evaluation)."""
+        raise NotImplementedError
 
     def __call__(self, score_fn: ScoreFn, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
+        return self.at(score_fn, self.perturb(v, generator))
 
 
 class ExactSM(ScoreLoss):
@@ -128,6 +134,7 @@ class DenoisingSM(ScoreLoss):
 
     name = "dsm"
     noised = True
+    has_residual = True
 
     def __init__(self, sigma: float = 0.05):
         require(sigma > 0, "sigma", sigma, "noise levels must be > 0")
@@ -148,12 +155,8 @@ class DenoisingSM(ScoreLoss):
         return (score + perturbation.noise / perturbation.sigma).detach()
 
     def at(self, score_fn: ScoreFn, perturbation: Perturbation) -> torch.Tensor:
-        """The loss at a given perturbation (noise shared with another evaluation)."""
         score = score_fn(_with_grad(perturbation.inputs))
         return batch_mean(0.5 * ((score + perturbation.noise / perturbation.sigma) ** 2).sum(-1), perturbation.inputs)
-
-    def __call__(self, score_fn: ScoreFn, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.at(score_fn, self.perturb(v, generator))
 
 
 class MultiscaleDSM(DenoisingSM):
@@ -199,4 +202,96 @@ class MultiscaleDSM(DenoisingSM):
         return batch_mean(0.5 * ((score / sigma + eps / self.sigma0**2) ** 2).sum(-1), perturbation.inputs)
 
 
-SCORE_LOSSES: dict[str, type[ScoreLoss]] = {"sm": ExactSM, "ssm": SlicedSM, "dsm": DenoisingSM, "mdsm": MultiscaleDSM}
+@dataclass(frozen=True)
+class KernelPairs:
+    """The RBF kernel terms of KSD's pairs ``x = v[B/2 + i]``, ``x' = v[i]`` (``(..., B/2)`` or ``(..., B/2, d)``)."""
+
+    kernel: torch.Tensor  # k(x, x')
+    grad_x: torch.Tensor  # ∇_x k(x, x') = −(x − x')/h² · k; ∇_x' k is its negative
+    trace: torch.Tensor  # tr ∇_x ∇_x' k(x, x') = k · (d/h² − ‖x − x'‖²/h⁴)
+
+
+class KernelStein(ScoreLoss):
+    """The kernelised Stein discrepancy on the paired half-batch U-statistic, through its one-sided surrogate.
+
+    For ``B`` rows (B even) the pairs are ``x_i = v[B/2 + i]``, ``x'_i = v[i]``, with the RBF kernel
+    ``k(x, y) = exp(−‖x − y‖²/(2h²))``. The value is the U-statistic
+    ``u(x, x') = k s(x)ᵀs(x') + s(x)ᵀ∇_x' k + s(x')ᵀ∇_x k + tr ∇_x∇_x' k`` averaged over the pairs; its θ-gradient is
+    that of the surrogate ``zᵀ s(x')`` with ``z = k s(x) + ∇_x k`` detached: half the gradient of ``u`` (the
+    surrogate on ``(x', x)`` gives the other half), the same for every score (exact, importance-sampled, VaGES), so
+    their learning rates compare. On clean data.
+
+    ``bandwidth``: ``h`` itself (the VaGES authors' 0.1), or ``median``: the median distance between the batch's rows
+    (detached; per member in an ensemble).
+    """
+
+    name = "ksd"
+    has_residual = True
+
+    def __init__(self, bandwidth: float | str = 0.1):
+        if isinstance(bandwidth, str):
+            require_choice("bandwidth", bandwidth, ("median",))
+        else:
+            require(bandwidth > 0, "bandwidth", bandwidth, "must be > 0 or 'median'")
+        self.bandwidth = bandwidth
+
+    def _bandwidth(self, v: torch.Tensor) -> torch.Tensor | float:
+        if self.bandwidth != "median":
+            return self.bandwidth
+        v = v.detach()
+        distances = torch.cdist(v, v)
+        upper = torch.triu_indices(v.shape[-2], v.shape[-2], offset=1, device=v.device)
+        return torch.quantile(distances[..., upper[0], upper[1]], 0.5, dim=-1, keepdim=True)
+
+    @staticmethod
+    def halves(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, x')``: the second and the first half of the batch's rows."""
+        batch = v.shape[-2]
+        require(batch % 2 == 0, "data.batch_size", batch, "KSD pairs the two halves of a batch: use an even size")
+        return v[..., batch // 2 :, :], v[..., : batch // 2, :]
+
+    def kernel_pairs(self, v: torch.Tensor) -> KernelPairs:
+        x, x_prime = self.halves(v.detach())
+        h2 = torch.as_tensor(self._bandwidth(v), dtype=v.dtype, device=v.device) ** 2
+        difference = x - x_prime
+        squared = (difference**2).sum(-1)
+        kernel = torch.exp(-squared / (2 * h2))
+        grad_x = -difference / h2[..., None] * kernel[..., None]
+        trace = kernel * (v.shape[-1] / h2 - squared / h2**2)
+        return KernelPairs(kernel, grad_x, trace)
+
+    def u_statistic(self, score: torch.Tensor, pairs: KernelPairs) -> torch.Tensor:
+        """``u(x_i, x'_i)`` per pair (``(..., B/2)``) for the scores of the batch's rows."""
+        s, s_prime = self.halves(score)
+        return (
+            pairs.kernel * (s * s_prime).sum(-1)
+            - (s * pairs.grad_x).sum(-1)  # s(x)ᵀ∇_x' k, with ∇_x' k = −∇_x k
+            + (s_prime * pairs.grad_x).sum(-1)
+            + pairs.trace
+        )
+
+    def residual(self, score: torch.Tensor, perturbation: Perturbation) -> torch.Tensor:
+        """``2z`` on the rows ``x'`` (the mean runs over B/2 pairs, not B rows) and 0 on the rows ``x``."""
+        pairs = self.kernel_pairs(perturbation.inputs)
+        s = self.halves(score.detach())[0]
+        z = pairs.kernel[..., None] * s + pairs.grad_x
+        return torch.cat([2 * z, torch.zeros_like(z)], dim=-2)
+
+    def at(self, score_fn: ScoreFn, perturbation: Perturbation) -> torch.Tensor:
+        v = perturbation.inputs
+        pairs = self.kernel_pairs(v)
+        score = score_fn(_with_grad(v))
+        if score.dim() > v.dim():  # one score per posterior particle: their mean
+            score = score.mean(0)
+        surrogate = (self.residual(score, perturbation) * score).sum(-1)
+        value = self.u_statistic(score.detach(), pairs)
+        return batch_mean(value, v) + batch_mean(surrogate, v) - batch_mean(surrogate, v).detach()
+
+
+SCORE_LOSSES: dict[str, type[ScoreLoss]] = {
+    "sm": ExactSM,
+    "ssm": SlicedSM,
+    "dsm": DenoisingSM,
+    "mdsm": MultiscaleDSM,
+    "ksd": KernelStein,
+}

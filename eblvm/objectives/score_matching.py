@@ -43,6 +43,9 @@ class ScoreMatching(Objective):
     - ``estimator=bism``: BiSM's variational score ``∇_v[−E − log q]``; q is fitted by the ``lower`` loss
       (``elbo``, ``iwae`` with ``iwae_k`` samples, or ``fisher``) in ``n_lower_steps`` real optimizer steps
       (the paper's K) and ``n_unroll`` differentiable ones (the paper's N) per energy step.
+    - ``estimator=vaes|vages``: VaES's score from detached particles of q, and VaGES's gradient with its
+      covariance term (docs/methods.md §4); q is fitted by plain alternation (``n_unroll`` must be 0).
+    - ``estimator=importance``: the score of an importance-sampled free energy (IS-KSD's baseline).
 
     ``higher``, ``estimator`` and ``lower`` are names in ``SCORE_LOSSES``, ``ESTIMATORS`` and ``LOWER_LOSSES`` (or
     part objects); every other keyword is a setting of one of those parts (``sigma`` of ``dsm``, ``n_particles``
@@ -75,6 +78,14 @@ class ScoreMatching(Objective):
         self.loss: ScoreLoss = _build_part("higher", higher, settings)
         self.estimator: ScoreEstimator = _build_part("estimator", estimator, settings)
         self.lower: LowerLoss | None = _build_part("lower", lower, settings) if self.needs_posterior else None
+        self.estimator.check_loss(self.loss)
+        require(
+            not self.needs_posterior or n_unroll == 0 or self.estimator.differentiates_posterior,
+            "n_unroll",
+            n_unroll,
+            f"the {self.estimator.name} estimator's particles are detached from q, so unrolled steps would change "
+            "nothing: set objective.n_unroll=0",
+        )
         self.n_lower_steps, self.n_unroll = n_lower_steps, n_unroll
 
     @property
