@@ -2,6 +2,7 @@
 
     python benchmarks/bench_iteration.py            # the full table (a few minutes on 2 CPU cores)
     python benchmarks/bench_iteration.py --steps 20 # quicker, noisier
+    python benchmarks/bench_iteration.py --table vages  # only VaGES-DSM (L = 2, 5, 10) against BiDSM and DSM
 
 Each measurement runs in its own process so peak memory is its own: on CPU the growth of the max RSS from just
 before training (torch's own ~800 MiB excluded), on a GPU the max memory allocated.
@@ -30,8 +31,9 @@ SETTINGS = {
 }
 
 
-def bench_module(setting: str, estimator: str, n_unroll: int):
-    """The seeded module of ``setting``: a GRBM, a linear relaxed-Bernoulli q and DSM with ``estimator``, K = 5."""
+def bench_module(setting: str, estimator: str, n_unroll: int, n_particles: int = 1):
+    """The seeded module of ``setting``: a GRBM, a linear relaxed-Bernoulli q and DSM with ``estimator``, K = 5
+    (``n_particles`` per particle set for VaGES)."""
     import pytorch_lightning as pl
 
     from eblvm.bilevel.module import BilevelModule
@@ -42,21 +44,24 @@ def bench_module(setting: str, estimator: str, n_unroll: int):
 
     pl.seed_everything(0, verbose=False)
     spec = SETTINGS[setting]
+    particles = {"n_particles": n_particles} if estimator == "vages" else {}
     objective = ScoreMatching(
-        higher="dsm", estimator=estimator, sigma=spec["sigma"], n_lower_steps=5, n_unroll=n_unroll
+        higher="dsm", estimator=estimator, sigma=spec["sigma"], n_lower_steps=5, n_unroll=n_unroll, **particles
     )
     model = GRBM(spec["v_dim"], spec["h_dim"])
     posterior = RelaxedBernoulliPosterior(spec["v_dim"], spec["h_dim"])
     return BilevelModule(model, posterior, objective, OptimConfig(), seed=0)
 
 
-def measure(setting: str, estimator: str, n_unroll: int, steps: int, warmup: int, device: str) -> dict:
+def measure(
+    setting: str, estimator: str, n_unroll: int, steps: int, warmup: int, device: str, n_particles: int = 1
+) -> dict:
     """Train ``warmup + steps`` iterations through Lightning; time the last ``steps``."""
     import torch
 
     from benchmarks.timing import BatchTimer, max_rss_mb, peak_memory_mb, quiet_trainer
 
-    module = bench_module(setting, estimator, n_unroll)
+    module = bench_module(setting, estimator, n_unroll, n_particles)
     data = torch.rand(100 * (steps + warmup), SETTINGS[setting]["v_dim"])
     loader = torch.utils.data.DataLoader(data, batch_size=100, shuffle=True, drop_last=True)
     timer = BatchTimer(device)
@@ -108,9 +113,23 @@ def run_isolated(*options: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def measure_isolated(args: argparse.Namespace, setting: str, estimator: str, n_unroll: int) -> dict:
+def measure_isolated(
+    args: argparse.Namespace, setting: str, estimator: str, n_unroll: int, n_particles: int = 1
+) -> dict:
     options = ["--single", setting, estimator, str(n_unroll), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    return run_isolated(*options, "--device", args.device)
+    return run_isolated(*options, "--particles", str(n_particles), "--device", args.device)
+
+
+def vages_table(args: argparse.Namespace) -> None:
+    """VaGES-DSM with L = 2, 5, 10 particles per set (3L drawn per iteration) against BiDSM K5 N5 and DSM."""
+    particle_counts = (2, 5, 10)
+    print(f"\nms per iteration: VaGES-DSM (K=5, no unroll) against BiDSM K5 N5 and DSM, device {args.device}")
+    print(f"{'setting':<8} {'DSM':>8} {'BiDSM':>8} " + " ".join(f"{f'VaGES L={n}':>11}" for n in particle_counts))
+    for setting in SETTINGS:
+        exact = measure_isolated(args, setting, "exact", 0)["ms_median"]
+        bism = measure_isolated(args, setting, "bism", 5)["ms_median"]
+        vages = [measure_isolated(args, setting, "vages", 0, n)["ms_median"] for n in particle_counts]
+        print(f"{setting:<8} {exact:>8.2f} {bism:>8.2f} " + " ".join(f"{ms:>11.2f}" for ms in vages))
 
 
 def main() -> None:
@@ -119,14 +138,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--table", choices=("all", "vages"), default="all", help="all tables, or VaGES's only")
     parser.add_argument("--single", nargs=3, metavar=("SETTING", "ESTIMATOR", "N_UNROLL"), help=argparse.SUPPRESS)
+    parser.add_argument("--particles", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
         print(json.dumps(arithmetic_floor_ms(args.steps)))
         return
     if args.single:
         setting, estimator, n_unroll = args.single
-        print(json.dumps(measure(setting, estimator, int(n_unroll), args.steps, args.warmup, args.device)))
+        result = measure(setting, estimator, int(n_unroll), args.steps, args.warmup, args.device, args.particles)
+        print(json.dumps(result))
+        return
+    if args.table == "vages":
+        vages_table(args)
         return
 
     print(f"ms per iteration (median of {args.steps}, after {args.warmup} warm-up), device {args.device}")
@@ -150,6 +175,7 @@ def main() -> None:
     for n_unroll in (0, 1, 5, 10):
         result = measure_isolated(args, "frey", "bism", n_unroll)
         print(f"n_unroll={n_unroll:<3} {result['peak_mb']:>9.1f} MiB {result['ms_median']:>9.2f} ms")
+    vages_table(args)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ OBJECTIVES = [
     ["objective=pcd"],
     ["objective=nce"],
     ["objective=vnce"],
+    ["objective=vages"],
+    ["objective=vages", "objective.higher=ksd"],
+    ["objective=ksd"],
+    ["objective=is_ksd"],
 ]
 
 

@@ -27,7 +27,9 @@ from tests.models import GaussianLinear
 GROUPS = ["data", "model", "posterior", "objective", "optim", "trainer", "logger", "callbacks", "experiment"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((ROOT / "conf" / group).glob("*.yaml"))]
 # Read from local files in real formats: tests/test_image_data.py writes tiny ones and builds these configs.
-IMAGE_FILE_DATA = {"mnist", "fashion_mnist", "cifar10", "svhn", "celeba", "image_folder"}
+# option -> the eblvm.data function it reads with
+IMAGE_FILE_DATA = {name: name for name in ("mnist", "fashion_mnist", "cifar10", "svhn", "celeba", "image_folder")}
+IMAGE_FILE_DATA["celeba64"] = "celeba"
 # Deep networks need image data and their partners: the latent EBM a Gaussian q fitted by the Fisher loss, the
 # latent-free EBM an exact-score objective.
 DEEP_PARTNERS = {
@@ -66,7 +68,7 @@ def overrides_for(group: str, option: str, tmp_path: Path) -> list[str]:
 def test_every_option_composes_and_instantiates(tmp_path, group, option):
     cfg = compose_train_config(tmp_path, overrides_for(group, option, tmp_path))
     if group == "data" and option in IMAGE_FILE_DATA:
-        assert cfg.data.splits._target_ == f"eblvm.data.{option}"
+        assert cfg.data.splits._target_ == f"eblvm.data.{IMAGE_FILE_DATA[option]}"
         if option == "image_folder":
             assert OmegaConf.is_missing(cfg.data.splits, "path"), "the folder is the user's to name"
         else:
@@ -114,6 +116,13 @@ BAD_VALUES = [
     ("optim.lr=0", "optim.lr=0", "must be > 0"),
     ("optim.scheduler=linear", "optim.scheduler='linear'", "const, cosine, step"),
     ("trainer.max_steps=0", "trainer.max_steps=0", "must be >= 1"),
+    ("objective=vages objective.higher=ssm", "objective.higher='ssm'", "use dsm, mdsm or ksd"),
+    ("objective=vages objective.n_particles=1", "objective.n_particles=1", "at least 2 particles"),
+    ("objective=vages objective.n_unroll=5", "objective.n_unroll=5", "set objective.n_unroll=0"),
+    ("objective=vages objective.covariance=full", "objective.covariance='full'", "unbiased, biased, none"),
+    ("objective=vages objective.refine_steps=2", "objective.refine_steps=2", "latents are binary"),
+    ("objective=ksd objective.bandwidth=0", "objective.bandwidth=0", "must be > 0 or 'median'"),
+    ("objective=is_ksd objective.n_proposals=0", "objective.n_proposals=0", "an integer >= 1"),
 ]
 
 
@@ -168,6 +177,8 @@ IMPOSSIBLE_COMBINATIONS = [
      f"trainer.devices={CPU_CORES + 1}", f"this machine has {CPU_CORES} CPU cores"),
     ("misspelt key of a component", FAST_RUN + ["+objective.n_unrol=3"], "objective.n_unrol=3",
      "ScoreMatching takes no such key"),
+    ("IS-KSD on continuous latents", FAST_RUN + ["model=gaussian_linear", "objective=is_ksd", "data=moons"],
+     "objective.estimator='importance'", "uniform binary proposals need binary latents"),
 ]  # fmt: skip
 
 

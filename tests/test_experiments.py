@@ -52,3 +52,14 @@ def test_nk_study_quick_writes_table_and_gradient_bias_figure(tmp_path):
     assert all(len(row.strip("|").split("|")) == 5 and "|  |" not in row for row in grid_rows)
     assert (tmp_path / "gradient_bias_quick.png").stat().st_size > 10_000
     assert len(list((tmp_path / "runs" / "quick").glob("grid*/K*_N*/summary.json"))) == 16
+
+
+def test_fisher_benchmark_quick_writes_table_and_figure(tmp_path):
+    command = [sys.executable, "experiments/fisher_estimation/benchmark.py", "--setting", "quick"]
+    command += ["--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = (tmp_path / "results_quick.md").read_text()
+    rows = [line for line in table.splitlines() if re.match(r"\| 10 \| 0\.[05] \| (exact|vaes) \|", line)]
+    assert len(rows) == 4, table
+    assert (tmp_path / "fisher_estimation_quick.png").stat().st_size > 10_000

@@ -24,10 +24,10 @@ from eblvm.objectives.estimators import (
     VaGESScore,
     covariance_term,
     expectation_term,
-    particle_scores,
+    mean_particle_score,
 )
 from eblvm.objectives.score_losses import DenoisingSM, KernelStein, MultiscaleDSM, Perturbation
-from eblvm.posteriors import BoundPosterior, ExactGRBMPosterior
+from eblvm.posteriors import BoundPosterior, ExactGaussianLinearPosterior, ExactGRBMPosterior
 from tests.test_gaussian_linear import random_model
 from tests.test_grbm import all_hidden_states, random_grbm
 
@@ -75,7 +75,7 @@ def test_vaes_with_the_exact_posterior_averages_to_the_exact_score(float64, mode
     model = make_model()
     v = torch.randn(6, 3)
     h, weights = exact_particles(model, v)
-    expected = (weights[..., None] * particle_scores(model, v, h, create_graph=False)).sum(0)
+    expected = mean_particle_score(model, v, h, weights, create_graph=False)
     torch.testing.assert_close(expected, model.score(v.requires_grad_()).detach(), rtol=1e-10, atol=1e-10)
 
 
@@ -110,20 +110,37 @@ class FixedNoise:
         return getattr(self.loss, name)
 
 
+EXACT_POSTERIORS = {
+    "grbm": lambda model: ExactGRBMPosterior(model, sample="binary"),
+    "gaussian_linear": ExactGaussianLinearPosterior,
+}
+
+
 @pytest.mark.parametrize("loss_name", list(LOSSES))
-def test_sampled_vages_matches_the_exact_gradient_in_expectation(float64, loss_name):
+@pytest.mark.parametrize("model_name", list(EXACT))
+def test_sampled_vages_matches_the_exact_gradient_in_expectation(float64, model_name, loss_name):
     """Independent particle sets and the L/(L−1) factor make the sampled VaGES gradient unbiased."""
-    model, loss = random_grbm(3, 4, seed=5), LOSSES[loss_name]()
+    model, loss = EXACT[model_name][0](), LOSSES[loss_name]()
     v = 0.5 * torch.randn(8, 3)
     perturbation = _perturbation(loss, v)
     exact = _gradient(loss.at(model.score, perturbation), model)
-    q = BoundPosterior(ExactGRBMPosterior(model, sample="binary"))
+    q = BoundPosterior(EXACT_POSTERIORS[model_name](model))
     estimator, fixed, generator = VaGESScore(n_particles=2), FixedNoise(loss, perturbation), torch.Generator()
     generator.manual_seed(1)
     draws = torch.stack([_gradient(estimator.higher_loss(model, q, fixed, v, generator), model) for _ in range(1000)])
     mean, stderr = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
     assert (stderr > 0).all()
     assert ((mean - exact).abs() / stderr).max() < 4.5, (mean - exact) / stderr
+
+
+def test_sampled_vaes_averages_to_the_exact_score(float64):
+    model = random_grbm(3, 4, seed=3)
+    q = BoundPosterior(ExactGRBMPosterior(model, sample="binary"))
+    v = torch.randn(6, 3, requires_grad=True)
+    draws = torch.stack([VaESScore(n_particles=50).score_function(model, q, torch.Generator().manual_seed(seed))(v)
+                         for seed in range(200)]).detach()  # fmt: skip
+    stderr = draws.std(0) / math.sqrt(len(draws))
+    assert ((draws.mean(0) - model.score(v).detach()).abs() / stderr).max() < 4.5
 
 
 def test_biased_covariance_scales_the_covariance_term_by_l_minus_1_over_l(float64):
@@ -163,7 +180,7 @@ def test_vages_value_is_the_loss_of_vaes_score(float64):
     generator = torch.Generator().manual_seed(3)
     perturbation = loss.perturb(v, generator)
     h = VaESScore(n_particles=6).particles(model, q, perturbation.inputs, 6, generator)[:2]
-    score = particle_scores(model, perturbation.inputs, h, create_graph=False).mean(0)
+    score = mean_particle_score(model, perturbation.inputs, h, create_graph=False)
     torch.testing.assert_close(value.detach(), loss.at(lambda _: score, perturbation), rtol=1e-12, atol=1e-12)
 
 
@@ -173,8 +190,10 @@ def test_configuration_errors_name_the_key():
     with pytest.raises(ConfigError, match="n_particles"):
         ScoreMatching("dsm", "vages", n_unroll=0, n_particles=1, covariance="biased")
     ScoreMatching("dsm", "vages", n_unroll=0, n_particles=1, covariance="none")  # nothing to estimate a covariance of
-    with pytest.raises(ConfigError, match="objective.higher"):
-        ScoreMatching("ssm", "vages", n_unroll=0)
+    for higher in ("ssm", "sm"):  # they differentiate the score in v, which VaES's detached particles cannot
+        for estimator in ("vaes", "vages"):
+            with pytest.raises(ConfigError, match=f"higher='{higher}'"):
+                ScoreMatching(higher, estimator, n_unroll=0)
     with pytest.raises(ConfigError, match="n_unroll"):
         ScoreMatching("dsm", "vages", n_unroll=5)
     with pytest.raises(ConfigError, match="covariance"):
@@ -185,8 +204,6 @@ def test_configuration_errors_name_the_key():
         ScoreMatching("dsm", "vages", n_unroll=0, refine_steps=2).check_model(random_grbm(2, 3), "binary")
     with pytest.raises(ConfigError, match="objective.estimator"):
         ScoreMatching("ksd", "importance").check_model(random_model(2, 2), "continuous")
-    with pytest.raises(ConfigError, match="data.batch_size"):
-        KernelStein().halves(torch.zeros(5, 2))
 
 
 def test_ksd_is_zero_in_expectation_at_the_data_distribution_and_positive_elsewhere():
@@ -211,6 +228,16 @@ def test_ksd_one_sided_surrogate_on_both_pairings_is_the_u_statistics_gradient(f
     torch.testing.assert_close(loss.at(model.score, Perturbation(v)), u, rtol=1e-12, atol=1e-12)
 
 
+def test_ksd_leaves_an_odd_batchs_last_row_out(float64):
+    model, loss = random_grbm(3, 4, seed=8), KernelStein(bandwidth=0.8)
+    v = 0.5 * torch.randn(11, 3)
+    odd, even = loss.at(model.score, Perturbation(v)), loss.at(model.score, Perturbation(v[:10]))
+    torch.testing.assert_close(odd, even, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_gradient(odd, model), _gradient(even, model), rtol=1e-12, atol=1e-12)
+    residual = loss.residual(model.score(v), Perturbation(v))
+    assert residual.shape == (11, 3) and not residual[5:].any() and residual[:5].abs().min() > 0
+
+
 def test_ksd_median_bandwidth_is_the_median_distance():
     v = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [1.0, 0.0]])
     # distances: 3, 4, 1, 5, 2, 4.12…; the median of six is the mean of the middle two, 3 and 4
@@ -224,9 +251,13 @@ def test_importance_sampled_free_energy_with_every_state_as_a_proposal_is_exact(
     torch.testing.assert_close(
         ImportanceSampledScore.free_energy(model, v, proposals), model.free_energy(v), rtol=1e-12, atol=1e-12
     )
-    assert ImportanceSampledScore(n_proposals=3).score_function(model, None, torch.Generator())(
-        v.requires_grad_()
-    ).shape == (6, 3)
+    # fresh uniform proposals: exp(−F_IS) is unbiased for exp(−F)
+    generator = torch.Generator().manual_seed(0)
+    proposals = (torch.rand(20000, 6, 4, generator=generator) < 0.5).to(v.dtype)
+    ratios = torch.exp(model.free_energy(v) - ImportanceSampledScore.free_energy(model, v, proposals[None]))  # K = 1
+    assert ((ratios.mean(0) - 1).abs() / (ratios.std(0) / math.sqrt(len(ratios)))).max() < 4.5
+    score = ImportanceSampledScore(n_proposals=3).score_function(model, None, torch.Generator())
+    assert score(v.requires_grad_()).shape == (6, 3)
 
 
 def test_latent_refinement_takes_langevin_steps_with_the_features_computed_once():
@@ -256,3 +287,10 @@ def test_latent_refinement_takes_langevin_steps_with_the_features_computed_once(
         expected = expected - 0.05 * grad
     torch.testing.assert_close(refined, expected)
     assert not torch.allclose(refined, h0)
+    # with noise: each step adds σ_r ξ, ξ drawn from the training generator
+    noisy = VaESScore(n_particles=4, refine_steps=1, refine_step_size=0.1, refine_noise=0.3)
+    refined = noisy.particles(model, FixedParticles(), v, 4, torch.Generator().manual_seed(5))
+    h = h0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(v, h).sum(), h)
+    xi = torch.randn(h0.shape, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(refined, h0 - 0.05 * grad + 0.3 * xi)

@@ -17,6 +17,7 @@ it and its constructor's keys become ``objective.<key>``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -116,16 +117,6 @@ class BiSMScore(ScoreEstimator):
         return score
 
 
-def particle_scores(model: EnergyModel, v: torch.Tensor, h: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    """``−∇_v E(v, h_l)`` for each particle ``h_l`` of ``h`` (``(L, ..., B, m)``), shape ``(L, ..., B, d)``, at ``v``
-    detached; ``create_graph`` keeps the graph in θ (double backprop)."""
-    v = v.detach().requires_grad_(True)
-    v_per_particle = v.expand(h.shape[:1] + v.shape)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(model(v_per_particle, h).sum(), v_per_particle, create_graph=create_graph)
-    return -grad
-
-
 def _particle_weights(h: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """``weights`` of the particles (``(L, ..., B)``, summing to 1 over L), or 1/L each when None."""
     if weights is None:
@@ -133,12 +124,39 @@ def _particle_weights(h: torch.Tensor, weights: torch.Tensor | None) -> torch.Te
     return weights
 
 
+def mean_particle_score(
+    model: EnergyModel,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    create_graph: bool = True,
+) -> torch.Tensor:
+    """``Σ_l w_l (−∇_v E(v, h_l))`` for particles ``h`` (``(L, ..., B, m)``; weights 1/L unless given), shape of
+    ``v``. One backward pass of ``Σ_l w_l E(v, h_l)`` with ``v`` broadcast against the particles, so a deep energy
+    computes its ``f(v)`` once; ``v`` is taken detached, and ``create_graph`` keeps the graph in θ."""
+    v = v.detach().requires_grad_(True)
+    with torch.enable_grad():
+        energy = (_particle_weights(h, weights) * model(v, h)).sum()
+        (grad,) = torch.autograd.grad(energy, v, create_graph=create_graph)
+    return -grad
+
+
+def particle_directional_scores(model: EnergyModel, v: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``a_l = zᵀ∇_v log p̃(v, h_l)`` for each particle (``(L, ..., B)``), detached: one forward-mode pass (a
+    Jacobian-vector product in the direction z) with ``v`` broadcast against the particles."""
+    # forward mode only, so no graph in θ is recorded; torch's first forward-mode product loads its decompositions
+    # through the deprecated torch.jit.script, a warning about torch itself
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+        _, tangent = torch.func.jvp(lambda x: model(x, h), (v.detach(),), (z.detach(),))
+    return -tangent
+
+
 def expectation_term(
     model: EnergyModel, v: torch.Tensor, z: torch.Tensor, h: torch.Tensor, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per row, ``Σ_l w_l zᵀ(−∇_v E(v, h_l))`` with the graph in θ: its θ-gradient is ``zᵀ E_q[∂_θ ∇_v log p̃]``."""
-    scores = particle_scores(model, v, h, create_graph=True)
-    return (_particle_weights(h, weights) * (z * scores).sum(-1)).sum(0)
+    """Per row, ``zᵀ Σ_l w_l (−∇_v E(v, h_l))`` with the graph in θ: its θ-gradient is ``zᵀ E_q[∂_θ ∇_v log p̃]``."""
+    return (z * mean_particle_score(model, v.detach(), h, weights, create_graph=True)).sum(-1)
 
 
 def covariance_term(
@@ -154,7 +172,7 @@ def covariance_term(
     ``Σ_l w_l (a_l − ā) = 0``, so ``∇_θ log p̃`` needs no centring). ``log p̃`` is evaluated twice, once with only
     v on the graph (for ``a``) and once with only θ."""
     w = _particle_weights(h, weights)
-    a = (z * particle_scores(model, v, h, create_graph=False)).sum(-1)
+    a = particle_directional_scores(model, v, h, z)
     centred = a - (w * a).sum(0)
     return factor * (w * centred * -model(v.detach(), h)).sum(0)
 
@@ -167,7 +185,8 @@ class VaESScore(ScoreEstimator):
     covariance). With ``refine_steps = S > 0``, each particle takes S steps of ``h ← h − ½α∇_h E(v̄, h) + σ_r ξ``
     (``α = refine_step_size``, ``σ_r = refine_noise``, ξ ~ N(0, I)) before use, through the model's
     ``conditional_energy`` (a deep energy computes its ``f(v)`` once for all particles and steps); continuous
-    latents only.
+    latents only. For losses that take the score's values only (DSM, MDSM, KSD): the particles do not follow v, so
+    ``∇_v ŝ`` is not an estimate of ``∇_v s`` and SM/SSM are refused.
     """
 
     name = "vaes"
@@ -195,6 +214,15 @@ class VaESScore(ScoreEstimator):
             f"latent refinement moves h by its gradient, and {type(model).__name__}'s latents are binary: set it to 0",
         )
 
+    def check_loss(self, loss: ScoreLoss) -> None:
+        require(
+            loss.has_residual,
+            "higher",
+            loss.name,
+            "VaES's particles are drawn at v detached, so its score's v-derivative misses the posterior's dependence "
+            "on v (and VaGES needs a residual): use dsm, mdsm or ksd, which take the score's value only",
+        )
+
     def particles(
         self, model: EnergyModel, q: BoundPosterior, v: torch.Tensor, n: int, generator: torch.Generator
     ) -> torch.Tensor:
@@ -204,7 +232,8 @@ class VaESScore(ScoreEstimator):
             h = q.latent(q.rsample(q(v), n, generator))
         if self.refine_steps == 0:
             return h
-        energy = model.conditional_energy(v)
+        with torch.no_grad():  # f(v) once, without a graph: only ∇_h is taken
+            energy = model.conditional_energy(v)
         for _ in range(self.refine_steps):
             h = h.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -214,8 +243,7 @@ class VaESScore(ScoreEstimator):
 
     def score_function(self, model: EnergyModel, q: BoundPosterior | None, generator: torch.Generator) -> ScoreFn:
         def score(v: torch.Tensor) -> torch.Tensor:
-            h = self.particles(model, q, v, self.n_particles, generator)
-            return particle_scores(model, v, h, create_graph=True).mean(0)
+            return mean_particle_score(model, v, self.particles(model, q, v, self.n_particles, generator))
 
         return score
 
@@ -256,14 +284,6 @@ class VaGESScore(VaESScore):
         )
         self.covariance, self.share_particles = covariance, share_particles
 
-    def check_loss(self, loss: ScoreLoss) -> None:
-        require(
-            loss.has_residual,
-            "objective.higher",
-            loss.name,
-            "VaGES forms its gradient from the loss's residual, which dsm, mdsm and ksd have",
-        )
-
     @property
     def covariance_factor(self) -> float:
         return self.n_particles / (self.n_particles - 1) if self.covariance == "unbiased" else 1.0
@@ -282,7 +302,7 @@ class VaGESScore(VaESScore):
         n_sets = 1 if self.share_particles else 3
         h = self.particles(model, q, x, n_sets * self.n_particles, generator)
         h_z, h_expectation, h_covariance = [h] * 3 if self.share_particles else h.split(self.n_particles)
-        score = particle_scores(model, x, h_z, create_graph=False).mean(0)
+        score = mean_particle_score(model, x, h_z, create_graph=False)
         z = loss.residual(score, perturbation)
         rows = expectation_term(model, x, z, h_expectation)
         if self.covariance != "none":

@@ -2,7 +2,8 @@
 
 A loss is called with a score function and a clean batch, ``loss(score_fn, v, generator)``, draws its own noise
 from ``generator`` and returns the batch mean (``batch_mean``: one per member for an ensemble's ``(S, B, d)``
-batch); with per-particle scores ``(L, B, d)`` the per-particle losses are averaged too. ``perturb`` gives the
+batch); with per-particle scores ``(L, B, d)`` the per-particle losses are averaged too (KSD averages the scores
+first). ``perturb`` gives the
 input the score is evaluated at (the lower level fits q on the same kind of input) and ``row_weights`` the
 weights of the lower loss's rows. ``residual`` is the detached vector ``z`` with ``z_i = B·∂L/∂s_i`` for the batch
 loss ``L`` and the score ``s_i`` of row ``i`` of ``B`` (for a per-row loss, its derivative in that row's score), for
@@ -55,7 +56,9 @@ class ScoreLoss:
 
     name: str
     noised: bool = False
-    has_residual: bool = False  # whether ``residual`` is defined (the loss is linear in each row's score's gradient)
+    # whether ``residual`` is defined: the loss takes the score's values only (not its v-derivative), and its
+    # θ-gradient is linear in each row's score's θ-gradient
+    has_residual: bool = False
 
     def perturb(self, v: torch.Tensor, generator: torch.Generator) -> Perturbation:
         """The input the score is evaluated at; clean data for losses that add no noise (draws nothing)."""
@@ -152,6 +155,7 @@ class DenoisingSM(ScoreLoss):
         return Perturbation(v + sigma * eps, eps, sigma)
 
     def residual(self, score: torch.Tensor, perturbation: Perturbation) -> torch.Tensor:
+        """``z = s(ṽ) + ε/σ``, the derivative of ``½‖s(ṽ) + ε/σ‖²`` in ``s``."""
         return (score + perturbation.noise / perturbation.sigma).detach()
 
     def at(self, score_fn: ScoreFn, perturbation: Perturbation) -> torch.Tensor:
@@ -193,6 +197,7 @@ class MultiscaleDSM(DenoisingSM):
         return 1 / perturbation.sigma[..., 0]
 
     def residual(self, score: torch.Tensor, perturbation: Perturbation) -> torch.Tensor:
+        """``z_i = (s(ṽ_i)/σ_i + ε_i/σ0²)/σ_i``, the derivative of ``½‖s(ṽ_i)/σ_i + ε_i/σ0²‖²`` in ``s``."""
         sigma = perturbation.sigma
         return ((score / sigma + perturbation.noise / self.sigma0**2) / sigma).detach()
 
@@ -214,12 +219,12 @@ class KernelPairs:
 class KernelStein(ScoreLoss):
     """The kernelised Stein discrepancy on the paired half-batch U-statistic, through its one-sided surrogate.
 
-    For ``B`` rows (B even) the pairs are ``x_i = v[B/2 + i]``, ``x'_i = v[i]``, with the RBF kernel
-    ``k(x, y) = exp(−‖x − y‖²/(2h²))``. The value is the U-statistic
+    For ``B`` rows the pairs are ``x_i = v[n + i]``, ``x'_i = v[i]``, ``i < n = ⌊B/2⌋`` (an odd batch's last row is
+    left out), with the RBF kernel ``k(x, y) = exp(−‖x − y‖²/(2h²))``. The value is the U-statistic
     ``u(x, x') = k s(x)ᵀs(x') + s(x)ᵀ∇_x' k + s(x')ᵀ∇_x k + tr ∇_x∇_x' k`` averaged over the pairs; its θ-gradient is
     that of the surrogate ``zᵀ s(x')`` with ``z = k s(x) + ∇_x k`` detached: half the gradient of ``u`` (the
     surrogate on ``(x', x)`` gives the other half), the same for every score (exact, importance-sampled, VaGES), so
-    their learning rates compare. On clean data.
+    their learning rates compare. On clean data; per-particle scores ``(L, B, d)`` are averaged first.
 
     ``bandwidth``: ``h`` itself (the VaGES authors' 0.1), or ``median``: the median distance between the batch's rows
     (detached; per member in an ensemble).
@@ -245,10 +250,9 @@ class KernelStein(ScoreLoss):
 
     @staticmethod
     def halves(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, x')``: the second and the first half of the batch's rows."""
-        batch = v.shape[-2]
-        require(batch % 2 == 0, "data.batch_size", batch, "KSD pairs the two halves of a batch: use an even size")
-        return v[..., batch // 2 :, :], v[..., : batch // 2, :]
+        """``(x, x')``: rows ``n … 2n−1`` and rows ``0 … n−1`` of the batch, ``n = ⌊B/2⌋``."""
+        n = v.shape[-2] // 2
+        return v[..., n : 2 * n, :], v[..., :n, :]
 
     def kernel_pairs(self, v: torch.Tensor) -> KernelPairs:
         x, x_prime = self.halves(v.detach())
@@ -261,7 +265,7 @@ class KernelStein(ScoreLoss):
         return KernelPairs(kernel, grad_x, trace)
 
     def u_statistic(self, score: torch.Tensor, pairs: KernelPairs) -> torch.Tensor:
-        """``u(x_i, x'_i)`` per pair (``(..., B/2)``) for the scores of the batch's rows."""
+        """``u(x_i, x'_i)`` per pair (``(..., n)``) for the scores of the batch's rows."""
         s, s_prime = self.halves(score)
         return (
             pairs.kernel * (s * s_prime).sum(-1)
@@ -270,12 +274,16 @@ class KernelStein(ScoreLoss):
             + pairs.trace
         )
 
+    def one_sided(self, score: torch.Tensor, pairs: KernelPairs) -> torch.Tensor:
+        """``z_i = k(x_i, x'_i) s(x_i) + ∇_x k(x_i, x'_i)`` per pair (``(..., n, d)``), detached."""
+        return (pairs.kernel[..., None] * self.halves(score)[0] + pairs.grad_x).detach()
+
     def residual(self, score: torch.Tensor, perturbation: Perturbation) -> torch.Tensor:
-        """``2z`` on the rows ``x'`` (the mean runs over B/2 pairs, not B rows) and 0 on the rows ``x``."""
-        pairs = self.kernel_pairs(perturbation.inputs)
-        s = self.halves(score.detach())[0]
-        z = pairs.kernel[..., None] * s + pairs.grad_x
-        return torch.cat([2 * z, torch.zeros_like(z)], dim=-2)
+        """``2z`` on the rows ``x'`` (the mean runs over ``n ≈ B/2`` pairs, not B rows) and 0 on the others."""
+        z = self.one_sided(score, self.kernel_pairs(perturbation.inputs))
+        rows = torch.zeros_like(score)
+        rows[..., : z.shape[-2], :] = z * (score.shape[-2] / z.shape[-2])
+        return rows
 
     def at(self, score_fn: ScoreFn, perturbation: Perturbation) -> torch.Tensor:
         v = perturbation.inputs
@@ -283,9 +291,8 @@ class KernelStein(ScoreLoss):
         score = score_fn(_with_grad(v))
         if score.dim() > v.dim():  # one score per posterior particle: their mean
             score = score.mean(0)
-        surrogate = (self.residual(score, perturbation) * score).sum(-1)
-        value = self.u_statistic(score.detach(), pairs)
-        return batch_mean(value, v) + batch_mean(surrogate, v) - batch_mean(surrogate, v).detach()
+        surrogate = batch_mean((self.one_sided(score, pairs) * self.halves(score)[1]).sum(-1), v)
+        return batch_mean(self.u_statistic(score.detach(), pairs), v) + surrogate - surrogate.detach()
 
 
 SCORE_LOSSES: dict[str, type[ScoreLoss]] = {

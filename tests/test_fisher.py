@@ -1,0 +1,82 @@
+"""Fisher-divergence estimation (docs/methods.md §4.3): the critic's bound, the benchmark's exact values, the
+estimator on a small perturbed GRBM, and the command on a trained run."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from eblvm import fisher
+from eblvm.errors import ConfigError
+from eblvm.fisher import FisherSettings, critic_values, estimate_fisher, perturbed_grbm, true_fisher_to_standard_normal
+from eblvm.models.deep import LatentEBM
+from eblvm.posteriors import RelaxedBernoulliPosterior
+from eblvm.run import run
+from tests.conftest import FAST_RUN, compose_train_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_critic_values_are_the_bound_with_a_hutchinson_trace(float64):
+    """For a linear critic f(v) = Av + c the trace term is uᵀAu, the bound fᵀs + uᵀAu − ½‖f‖²."""
+    critic = nn.Linear(3, 3)
+    v, scores, probe = torch.randn(4, 3), torch.randn(4, 3), torch.randint(0, 2, (4, 3)).double() * 2 - 1
+    f = critic(v)
+    expected = (f * scores).sum(-1) + ((probe @ critic.weight.T) * probe).sum(-1) - 0.5 * (f**2).sum(-1)
+    torch.testing.assert_close(critic_values(critic, scores, v, probe), expected)
+
+
+def test_the_unperturbed_grbm_is_the_data_distribution():
+    model = perturbed_grbm(6, 0.0, torch.Generator().manual_seed(0))
+    test = torch.randn(50, 6)
+    torch.testing.assert_close(model.score(test), -test)
+    assert true_fisher_to_standard_normal(model, test).value == 0
+    assert true_fisher_to_standard_normal(perturbed_grbm(6, 0.5, torch.Generator().manual_seed(0)), test).value > 0
+
+
+@pytest.mark.parametrize("score", ["exact", "vaes"])
+def test_the_estimate_recovers_the_exact_divergence_at_two_levels(score):
+    """d = 10, 2000 critic steps at lr 1e-3 (VaES: 2 ELBO steps each): within 2 standard errors + 5 % of the truth
+    at p = 0 and p = 0.3."""
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(4000, 10, generator=generator)
+    train, test = data[:3200], data[3600:]
+    for level in (0.0, 0.3):
+        model = perturbed_grbm(10, level, torch.Generator().manual_seed(1))
+        torch.manual_seed(0)
+        posterior = RelaxedBernoulliPosterior(10, 10, temperature=0.1) if score == "vaes" else None
+        settings = FisherSettings(steps=2000, lr=1e-3, n_lower_steps=2, seed=1)
+        estimate = estimate_fisher(model, train, test, score, posterior, settings, progress=False)
+        truth = true_fisher_to_standard_normal(model, test)
+        assert abs(estimate.value - truth.value) <= 2 * estimate.stderr + 0.05 * truth.value, (level, estimate, truth)
+        if level > 0:
+            assert estimate.value > 10 * estimate.stderr, "the divergence is told apart from zero"
+
+
+def test_bad_pairings_are_refused_with_the_key():
+    data = torch.randn(10, 64)
+    with pytest.raises(ConfigError, match="--score='exact'.*no free energy"):
+        estimate_fisher(LatentEBM(image_shape=(1, 8, 8), h_dim=2, channels=2), data, data, "exact")
+    with pytest.raises(ConfigError, match="--score='vaes'.*needs a posterior"):
+        estimate_fisher(perturbed_grbm(2, 0.1, torch.Generator()), data[:, :2], data[:, :2], "vaes")
+    with pytest.raises(ConfigError, match="steps=0"):
+        FisherSettings(steps=0)
+
+
+def test_the_command_estimates_a_trained_runs_divergence(tmp_path, monkeypatch, capsys):
+    run(compose_train_config(tmp_path, FAST_RUN))
+    monkeypatch.setattr(sys, "argv", ["eblvm.fisher", str(tmp_path), "--score", "vaes", "--steps", "20"])
+    fisher.main()
+    assert "Fisher divergence (vaes score)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "evaluation" / "fisher_vaes.json").read_text())
+    assert record["settings"]["steps"] == 20 and record["stderr"] > 0
+    dsm = tmp_path / "dsm"
+    run(compose_train_config(dsm, FAST_RUN + ["objective=dsm"]))
+    monkeypatch.setattr(sys, "argv", ["eblvm.fisher", str(dsm), "--score", "vaes"])
+    with pytest.raises(SystemExit) as stopped:
+        fisher.main()
+    assert stopped.value.code == 2 and "--score='vaes': the run at" in capsys.readouterr().err
