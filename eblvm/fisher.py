@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from eblvm import noise
+from eblvm.assemble import rebuild
 from eblvm.errors import ConfigError, require, require_choice
 from eblvm.models.base import EnergyModel
 from eblvm.models.grbm import GRBM
@@ -184,8 +185,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=FisherSettings.seed)
     parser.add_argument("--out", type=Path, help="where fisher_<score>.json goes (default: <run>/evaluation)")
     args = parser.parse_args()
-    from eblvm.assemble import rebuild  # the whole stack, only for this command
-
     try:
         trained = rebuild(args.checkpoint)
         if args.score == "vaes" and trained.posterior is None:
