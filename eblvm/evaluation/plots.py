@@ -61,7 +61,7 @@ def plot_density_grid(
         ax.axis("on")
         ax.imshow(_density_image(model, log_z, bounds, resolution).numpy(), origin="lower", extent=(x0, x1, y0, y1))
         ax.set_title(name)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_samples(
@@ -81,7 +81,7 @@ def plot_samples(
         (x0, x1), (y0, y1) = _bounds(data)
         ax.set(xlim=(x0, x1), ylim=(y0, y1), title="Gibbs samples")
         ax.legend(loc="upper right", markerscale=8)
-        return _save(fig, path)
+        return save_figure(fig, path)
     if image_shape is None:
         raise ValueError(f"cannot draw {samples.shape[1]}-dimensional samples without data.image_shape")
     image_shape = tuple(image_shape)
@@ -98,7 +98,7 @@ def plot_samples(
     for ax, sample in zip(axes.flat, samples, strict=False):
         picture = sample.reshape(image_shape).clamp(0, 1).permute(1, 2, 0).squeeze(-1)  # (H, W) or (H, W, 3)
         ax.imshow(picture.numpy(), cmap="gray", vmin=0, vmax=1)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_image_grid(images: torch.Tensor, path: Path, nrow: int | None = None, upscale_to: int = 32) -> Path:
@@ -117,7 +117,8 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int | None = None, u
     return path
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (its folder created) as a 100-dpi PNG and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

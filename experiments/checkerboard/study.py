@@ -36,7 +36,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from eblvm.aggregate import mean_std  # noqa: E402
 from eblvm.assemble import instantiate_node  # noqa: E402
 from eblvm.checkpoints import load_checkpoint  # noqa: E402
-from eblvm.evaluation.plots import plot_density_grid  # noqa: E402
+from eblvm.evaluation.plots import plot_density_grid, save_figure  # noqa: E402
 from eblvm.studies import Method, collect, launch_ensembles, load_model, provenance  # noqa: E402
 
 BISM_METHODS = (
@@ -231,9 +231,7 @@ def _curve_section(study: Study, runs_dir: Path, path: Path) -> str:
     ax.set(xlabel="training step", ylabel="log-likelihood (nats per point)", title=name, ylim=(-1.5, 0.8))
     ax.axhline(0.693, color="gray", linestyle=":", linewidth=1)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return "\n".join(lines) + f"\n\n![validation curves]({path.name})\n\n"
 
 

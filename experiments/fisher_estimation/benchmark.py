@@ -31,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from eblvm.evaluation.plots import save_figure  # noqa: E402
 from eblvm.fisher import (  # noqa: E402
     FisherSettings,
     estimate_fisher,
@@ -86,10 +87,7 @@ def plot(results: list[dict], path: Path) -> Path:
                             label=f"estimated ({'exact score' if score == 'exact' else 'VaES'})")  # fmt: skip
         ax.set(xlabel="perturbation p", ylabel="Fisher divergence", title=f"GRBM, d = {dim}", yscale="symlog")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from eblvm.aggregate import METRICS, job_cells  # noqa: E402
 from eblvm.assemble import rebuild  # noqa: E402
+from eblvm.evaluation.plots import save_figure  # noqa: E402
 from eblvm.evaluation.posterior import gradient_bias  # noqa: E402
 from eblvm.studies import ROOT, Method, collect, launch, provenance  # noqa: E402
 
@@ -100,10 +101,7 @@ def plot_bias(biases: dict, path: Path) -> Path:
     by_k.set(xlabel="K (n_lower_steps)", title="against K")
     for ax in (by_n, by_k):
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:
