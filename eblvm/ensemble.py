@@ -35,7 +35,7 @@ from eblvm.bilevel.ensemble import EnsembleModule
 from eblvm.bilevel.optim import OptimConfig, member_learning_rates
 from eblvm.callbacks import LastCheckpoint
 from eblvm.checkpoints import FORMAT_VERSION, RECORD_KEY, CheckpointIO, last_checkpoint, load_checkpoint
-from eblvm.errors import ConfigError, require
+from eblvm.errors import ConfigError, require, require_count
 from eblvm.evaluate import evaluation_trainer
 from eblvm.members import member_slice, stack, stack_parameters
 from eblvm.run import _lightning_callbacks, checked_start, summarize, training_only_metrics, write_config
@@ -55,7 +55,7 @@ class EnsembleConfig:
     vary: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self):
-        require(isinstance(self.size, int) and self.size >= 1, "ensemble.size", self.size, "an integer >= 1")
+        require_count("ensemble.size", self.size, 1)
         require(
             self.size > 1 or (self.seeds is None and not self.vary),
             "ensemble.size",

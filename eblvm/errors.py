@@ -49,6 +49,12 @@ def require(condition: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
+def require_count(key: str, value: Any, minimum: int) -> None:
+    """Raise ``ConfigError`` unless ``value`` is an integer (not a bool) of at least ``minimum``."""
+    is_integer = isinstance(value, int) and not isinstance(value, bool)
+    require(is_integer and value >= minimum, key, value, f"must be an integer >= {minimum}")
+
+
 def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     """Raise ``ConfigError`` unless ``value`` is one of ``choices``."""
     require(value in choices, key, value, f"must be one of {', '.join(choices)}")

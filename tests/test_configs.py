@@ -112,7 +112,7 @@ BAD_VALUES = [
     ("posterior.log_prob=exact", "posterior.log_prob='exact'", "bernoulli, concrete"),
     ("posterior.h_dim=3", "posterior.h_dim=3", "must equal model.h_dim=4"),
     ("posterior=gaussian_mlp", "posterior='GaussianMLPPosterior'", "continuous latents but GRBM has binary"),
-    ("model.h_dim=0", "model.h_dim=0", "positive integer"),
+    ("model.h_dim=0", "model.h_dim=0", "an integer >= 1"),
     ("optim.lr=0", "optim.lr=0", "must be > 0"),
     ("optim.scheduler=linear", "optim.scheduler='linear'", "const, cosine, step"),
     ("trainer.max_steps=0", "trainer.max_steps=0", "must be >= 1"),
@@ -123,6 +123,7 @@ BAD_VALUES = [
     ("objective=vages objective.refine_steps=2", "objective.refine_steps=2", "latents are binary"),
     ("objective=ksd objective.bandwidth=0", "objective.bandwidth=0", "must be > 0 or 'median'"),
     ("objective=is_ksd objective.n_proposals=0", "objective.n_proposals=0", "an integer >= 1"),
+    ("objective=cd objective.k=true", "objective.k=True", "an integer >= 1"),
 ]
 
 

@@ -16,7 +16,7 @@ from torchdata.stateful_dataloader.sampler import BatchSampler, RandomSampler, S
 
 from eblvm.checkpoints import gather_rank_states, own_rank_state
 from eblvm.data.splits import Splits
-from eblvm.errors import require
+from eblvm.errors import require, require_count
 
 SHUFFLE_STREAM = 1 << 20  # keeps the shuffling generator apart from the others seeded from the run's seed
 
@@ -146,8 +146,8 @@ class EBLVMDataModule(pl.LightningDataModule):
         super().__init__()
         require(isinstance(splits, Splits), "splits", type(splits).__name__, "must be an eblvm.data.Splits")
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            require(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
-        require(isinstance(num_workers, int) and num_workers >= 0, "num_workers", num_workers, "must be >= 0")
+            require_count(key, value, 1)
+        require_count("num_workers", num_workers, 0)
         require(
             not random_flip or image_shape is not None,
             "random_flip",

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from eblvm.data.files import resolve_path
 from eblvm.data.splits import Splits, split_by_fractions
-from eblvm.errors import require
+from eblvm.errors import require, require_count
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def celeba(root: str | os.PathLike, crop: int = 140, size: int = 32, download: b
     ``<root>/celeba/celeba_crop<crop>_size<size>.npz`` and later calls read that file instead.
     """
     for key, value in (("crop", crop), ("size", size)):
-        require(isinstance(value, int) and value >= 1, f"splits.{key}", value, "must be an integer >= 1")
+        require_count(f"splits.{key}", value, 1)
     root = resolve_path(root)
     folder = root / CelebA.base_folder
     cache = folder / f"celeba_crop{crop}_size{size}.npz"
@@ -285,7 +285,7 @@ def image_folder(
     alphabetical order; images directly in ``path`` give none. ``grayscale`` keeps one channel (d = size^2), else
     three (d = 3 size^2). Shuffled with ``seed``, then ``val_fraction`` and ``test_fraction`` are held out.
     """
-    require(isinstance(size, int) and size >= 1, "splits.size", size, "must be an integer >= 1")
+    require_count("splits.size", size, 1)
     folder = resolve_path(path)
     if not folder.is_dir():
         raise FileNotFoundError(

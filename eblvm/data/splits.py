@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eblvm.errors import require
+from eblvm.errors import require, require_count
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -91,7 +91,7 @@ def as_data_matrix(array: np.ndarray | torch.Tensor, source: str) -> torch.Tenso
 def require_sizes(**sizes: int) -> int:
     """Check that each named split size (``n_train=...``) is an integer >= 1 and return their total."""
     for key, value in sizes.items():
-        require(isinstance(value, int) and value >= 1, f"splits.{key}", value, "must be an integer >= 1")
+        require_count(f"splits.{key}", value, 1)
     return sum(sizes.values())
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from eblvm.data.splits import Splits, require_sizes, split_by_fractions, split_rows
-from eblvm.errors import require
+from eblvm.errors import require_count
 
 RING_RADII = (0.25, 0.5, 0.75, 1.0)
 # Offsets within a checkerboard cell stay this far from its edges, so no point rounds onto a neighbouring
@@ -34,7 +34,7 @@ def checkerboard(n_train: int = 50000, n_val: int = 10000, n_test: int = 10000, 
     ``grid=2`` gives the squares [0, .5]^2 and [.5, 1]^2 (density 2 on them), the BiSM toy data.
     """
     n = require_sizes(n_train=n_train, n_val=n_val, n_test=n_test)
-    require(isinstance(grid, int) and grid >= 1, "splits.grid", grid, "must be an integer >= 1")
+    require_count("splits.grid", grid, 1)
     rng = np.random.default_rng(seed)
     cells = np.array([(i, j) for i in range(grid) for j in range(grid) if (i + j) % 2 == 0])
     offsets = np.clip(rng.random((n, 2)), _CELL_MARGIN, 1 - _CELL_MARGIN)

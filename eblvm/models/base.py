@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from eblvm.errors import require
+from eblvm.errors import require, require_count
 
 
 class EnergyModel(nn.Module):
@@ -50,8 +50,8 @@ class EnergyModel(nn.Module):
 
     def _keep_sizes(self, v_dim: int, h_dim: int, sigma_init: float) -> None:
         """Check and keep ``v_dim`` and ``h_dim`` (and check the ``sigma_init`` of ``_add_log_sigma``)."""
-        require(isinstance(v_dim, int) and v_dim >= 1, "v_dim", v_dim, "must be a positive integer")
-        require(isinstance(h_dim, int) and h_dim >= 1, "h_dim", h_dim, "must be a positive integer")
+        require_count("v_dim", v_dim, 1)
+        require_count("h_dim", h_dim, 1)
         require(sigma_init > 0, "sigma_init", sigma_init, "must be > 0")
         self.v_dim, self.h_dim = v_dim, h_dim
 

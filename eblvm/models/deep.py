@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eblvm.errors import require
+from eblvm.errors import require, require_count
 from eblvm.models.base import EnergyModel
 
 DEPTHS = {"resnet6": 2, "resnet9": 3}  # blocks per stage
@@ -75,7 +75,7 @@ class ImageEnergy(EnergyModel):
             "height and width must be multiples of 8 (three stride-2 stages)",
         )
         require(depth in DEPTHS, "depth", depth, f"must be one of {sorted(DEPTHS)}")
-        require(isinstance(channels, int) and channels >= 1, "channels", channels, "must be a positive integer")
+        require_count("channels", channels, 1)
         self.image_shape = image_shape
         self.v_dim = math.prod(image_shape)
         self.features_dim = (height // 8) * (width // 8) * 8 * channels
@@ -102,7 +102,7 @@ class LatentEBM(ImageEnergy):
         self, image_shape: Sequence[int] | None = None, h_dim: int = 50, channels: int = 64, depth: str = "resnet6"
     ):
         super().__init__(image_shape, channels, depth)
-        require(isinstance(h_dim, int) and h_dim >= 1, "h_dim", h_dim, "must be a positive integer")
+        require_count("h_dim", h_dim, 1)
         self.h_dim = h_dim
         self.feature = nn.Linear(self.features_dim, h_dim)
         self.head = nn.Linear(2 * h_dim, self.head_dim)

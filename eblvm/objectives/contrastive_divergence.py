@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eblvm.errors import require
+from eblvm.errors import require_count
 from eblvm.members import batch_mean
 from eblvm.models.base import EnergyModel
 from eblvm.objectives.base import Objective, require_gibbs_sampler
@@ -23,7 +23,7 @@ class ContrastiveDivergence(Objective):
 
     def __init__(self, k: int = 1, persistent: bool = False):
         super().__init__()
-        require(isinstance(k, int) and k >= 1, "k", k, "must be an integer >= 1")
+        require_count("k", k, 1)
         self.k, self.persistent = k, persistent
         self.register_buffer("chain", torch.empty(0))
 

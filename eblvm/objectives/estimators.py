@@ -24,7 +24,7 @@ import torch
 from torch.func import functional_call
 
 from eblvm import noise
-from eblvm.errors import require, require_choice
+from eblvm.errors import require, require_choice, require_count
 from eblvm.members import batch_mean
 from eblvm.models.base import EnergyModel
 from eblvm.objectives.score_losses import ScoreLoss
@@ -100,7 +100,7 @@ class BiSMScore(ScoreEstimator):
     differentiates_posterior = True
 
     def __init__(self, n_particles: int = 1):
-        require(isinstance(n_particles, int) and n_particles >= 1, "n_particles", n_particles, "an integer >= 1")
+        require_count("n_particles", n_particles, 1)
         self.n_particles = n_particles
 
     def score_function(self, model: EnergyModel, q: BoundPosterior | None, generator: torch.Generator) -> ScoreFn:
@@ -199,8 +199,8 @@ class VaESScore(ScoreEstimator):
         refine_step_size: float = 1e-2,
         refine_noise: float = 1e-4,
     ):
-        require(isinstance(n_particles, int) and n_particles >= 1, "n_particles", n_particles, "an integer >= 1")
-        require(isinstance(refine_steps, int) and refine_steps >= 0, "refine_steps", refine_steps, "an integer >= 0")
+        require_count("n_particles", n_particles, 1)
+        require_count("refine_steps", refine_steps, 0)
         require(refine_step_size > 0, "refine_step_size", refine_step_size, "must be > 0")
         require(refine_noise >= 0, "refine_noise", refine_noise, "must be >= 0")
         self.n_particles = n_particles
@@ -319,7 +319,7 @@ class ImportanceSampledScore(ScoreEstimator):
     name = "importance"
 
     def __init__(self, n_proposals: int = 5):
-        require(isinstance(n_proposals, int) and n_proposals >= 1, "n_proposals", n_proposals, "an integer >= 1")
+        require_count("n_proposals", n_proposals, 1)
         self.n_proposals = n_proposals
 
     def check_model(self, model: EnergyModel) -> None:

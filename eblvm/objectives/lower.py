@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from eblvm.errors import require
+from eblvm.errors import require, require_count
 from eblvm.posteriors.base import BoundPosterior
 
 Energy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,7 +69,7 @@ class IWAE(LowerLoss):
     name = "iwae"
 
     def __init__(self, iwae_k: int = 5):
-        require(isinstance(iwae_k, int) and iwae_k >= 1, "iwae_k", iwae_k, "must be an integer >= 1")
+        require_count("iwae_k", iwae_k, 1)
         self.iwae_k = iwae_k
 
     def __call__(self, energy: Energy, q: BoundPosterior, v: torch.Tensor, generator: torch.Generator):

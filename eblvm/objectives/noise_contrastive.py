@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eblvm import noise
-from eblvm.errors import require, require_choice
+from eblvm.errors import require_choice, require_count
 from eblvm.members import batch_mean
 from eblvm.objectives.base import Objective, require_free_energy
 from eblvm.objectives.lower import importance_weighted_loss
@@ -32,7 +32,7 @@ class NoiseContrastiveEstimation(Objective):
     def __init__(self, noise: str = "data_gaussian", noise_ratio: int = 1):
         super().__init__()
         require_choice("noise", noise, NOISE_DISTRIBUTIONS)
-        require(isinstance(noise_ratio, int) and noise_ratio >= 1, "noise_ratio", noise_ratio, "an integer >= 1")
+        require_count("noise_ratio", noise_ratio, 1)
         self.noise, self.noise_ratio = noise, noise_ratio
         self.log_normalizer = nn.Parameter(torch.zeros(()))
         self.register_buffer("noise_mean", torch.zeros(0))
@@ -85,10 +85,8 @@ class VariationalNCE(NoiseContrastiveEstimation):
         self, noise: str = "data_gaussian", noise_ratio: int = 1, n_particles: int = 5, n_lower_steps: int = 5
     ):
         super().__init__(noise, noise_ratio)
-        require(isinstance(n_particles, int) and n_particles >= 1, "n_particles", n_particles, "an integer >= 1")
-        require(
-            isinstance(n_lower_steps, int) and n_lower_steps >= 0, "n_lower_steps", n_lower_steps, "an integer >= 0"
-        )
+        require_count("n_particles", n_particles, 1)
+        require_count("n_lower_steps", n_lower_steps, 0)
         self.n_noise_particles, self.n_lower_steps = n_particles, n_lower_steps
 
     def check_model(self, model, latent_type) -> None:

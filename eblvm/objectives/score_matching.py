@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from eblvm.errors import ConfigError, require, require_choice
+from eblvm.errors import ConfigError, require, require_choice, require_count
 from eblvm.members import batch_mean
 from eblvm.models.base import EnergyModel
 from eblvm.objectives.base import Objective
@@ -74,7 +74,7 @@ class ScoreMatching(Objective):
                     f"n_unroll, {', '.join(sorted(known))}",
                 )
         for key, value in (("n_lower_steps", n_lower_steps), ("n_unroll", n_unroll)):
-            require(isinstance(value, int) and value >= 0, key, value, "must be an integer >= 0")
+            require_count(key, value, 0)
         self.loss: ScoreLoss = _build_part("higher", higher, settings)
         self.estimator: ScoreEstimator = _build_part("estimator", estimator, settings)
         self.lower: LowerLoss | None = _build_part("lower", lower, settings) if self.needs_posterior else None

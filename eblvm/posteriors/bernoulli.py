@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from eblvm import noise
-from eblvm.errors import require, require_choice
+from eblvm.errors import require, require_choice, require_count
 from eblvm.models.base import EnergyModel
 from eblvm.posteriors.base import MemberLinear, Posterior, tanh_mlp
 
@@ -35,7 +35,7 @@ class BernoulliFamily(Posterior):
 
     def __init__(self, h_dim: int, temperature: float = 0.1, log_prob: str = "bernoulli", sample: str = "relaxed"):
         super().__init__()
-        require(isinstance(h_dim, int) and h_dim >= 1, "h_dim", h_dim, "must be a positive integer")
+        require_count("h_dim", h_dim, 1)
         require(temperature > 0, "temperature", temperature, "must be > 0")
         require_choice("log_prob", log_prob, LOG_PROB_FORMS)
         require_choice("sample", sample, SAMPLE_KINDS)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from eblvm import noise
-from eblvm.errors import require
+from eblvm.errors import require, require_count
 from eblvm.posteriors.base import Posterior, tanh_mlp
 
 
@@ -21,7 +21,7 @@ class GaussianPosterior(Posterior):
 
     def __init__(self, h_dim: int):
         super().__init__()
-        require(isinstance(h_dim, int) and h_dim >= 1, "h_dim", h_dim, "must be a positive integer")
+        require_count("h_dim", h_dim, 1)
         self.h_dim = h_dim
 
     def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from eblvm.errors import require, require_choice
+from eblvm.errors import require, require_choice, require_count
 from eblvm.models.base import EnergyModel
 from eblvm.posteriors.base import BoundPosterior, Posterior
 
@@ -51,7 +51,7 @@ class LangevinSchedule:
         require(self.hot_temperature > 0, "hot_temperature", self.hot_temperature, "must be > 0")
         for key in ("hot_steps", "anneal_steps", "cool_steps"):
             value = getattr(self, key)
-            require(isinstance(value, int) and value >= 0, key, value, "must be an integer >= 0")
+            require_count(key, value, 0)
         require(
             self.denoise_sigma is None or self.denoise_sigma >= 0,
             "denoise_sigma",
@@ -144,7 +144,7 @@ def langevin_sample(
       sampled from ``p(v|h) ∝ exp(−E(v, h))``. The BiSM and VaGES image figures use this mode.
     """
     require_choice("mode", mode, SAMPLING_MODES)
-    require(isinstance(n_samples, int) and n_samples >= 1, "n_samples", n_samples, "must be a positive integer")
+    require_count("n_samples", n_samples, 1)
     like = next(model.parameters())
     v0 = schedule.initial((n_samples, model.v_dim), generator, like)
     if mode == "marginal":
