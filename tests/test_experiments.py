@@ -54,6 +54,19 @@ def test_nk_study_quick_writes_table_and_gradient_bias_figure(tmp_path):
     assert len(list((tmp_path / "runs" / "quick").glob("grid*/K*_N*/summary.json"))) == 16
 
 
+def test_vages_grid_quick_writes_tables_and_figure(tmp_path):
+    command = [sys.executable, "experiments/nk_study/study.py", "--study", "vages", "--setting", "quick"]
+    command += ["--repeats", "3", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = (tmp_path / "results_vages_quick.md").read_text()
+    grid_rows = [line for line in table.splitlines() if re.match(r"\| (1|2) \|", line)]
+    assert len(grid_rows) == 6, "log-likelihood, gradient-bias and time grids over K = 1, 2"
+    assert all(len(row.strip("|").split("|")) == 3 and "|  |" not in row for row in grid_rows)
+    assert (tmp_path / "vages_grid_quick.png").stat().st_size > 10_000
+    assert len(list((tmp_path / "runs" / "quick").glob("vages_L*/L*_K*/summary.json"))) == 4
+
+
 def test_fisher_benchmark_quick_writes_table_and_figure(tmp_path):
     command = [sys.executable, "experiments/fisher_estimation/benchmark.py", "--setting", "quick"]
     command += ["--out", str(tmp_path)]
