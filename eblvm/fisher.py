@@ -44,11 +44,11 @@ SCORES = ("exact", "vaes")
 class Critic(nn.Sequential):
     """``f``: three linear layers ``d → w → w → d`` (``w = width``, the VaGES paper's ``d`` by default) with ELU
     between them and none at the end. The last layer starts at zero, so training starts from ``f = 0``, whose bound
-    is exactly 0 (the divergence's least value), and moves away only where the model's score gives it something to
-    gain."""
+    is exactly 0 (the divergence's least value); a critic chosen on validation rows is then never worse than that
+    there."""
 
     def __init__(self, dim: int, width: int | None = None):
-        width = width or dim
+        width = dim if width is None else width
         super().__init__(nn.Linear(dim, width), nn.ELU(), nn.Linear(width, width), nn.ELU(), nn.Linear(width, dim))
         nn.init.zeros_(self[-1].weight)
         nn.init.zeros_(self[-1].bias)
@@ -78,6 +78,8 @@ class FisherSettings:
 
     def __post_init__(self):
         require_choice("schedule", self.schedule, SCHEDULES)
+        if self.critic_width is not None:
+            require_count("critic_width", self.critic_width, 1)
         for key in ("steps", "batch_size", "n_particles", "eval_every"):
             value = getattr(self, key)
             require_count(key, value, 1)
@@ -166,9 +168,14 @@ def estimate_fisher(
     beside it, in place), then report the bound's mean over ``test`` rows with its standard error: for the final
     critic, or with ``val`` rows for the critic (and q) whose validation objective was highest. The model's
     parameters are not changed."""
-    require(train.dim() == 2 and test.dim() == 2, "data", tuple(train.shape), "rows (n, d) are needed")
+    for rows in (train, test) if val is None else (train, val, test):
+        same_width = rows.dim() == train.dim() == 2 and rows.shape[-1] == train.shape[-1]
+        require(same_width, "data", tuple(rows.shape), f"rows (n, d) with the training rows' d = {train.shape[-1]}")
     scores = _Scores(model, score, posterior, settings)
-    generator = torch.Generator(device=train.device).manual_seed(settings.seed)
+    # training, validation and test each draw from their own stream, so checking leaves the training path unchanged
+    generator, val_generator, test_generator = (
+        torch.Generator(device=train.device).manual_seed(settings.seed + offset) for offset in range(3)
+    )
     critic = Critic(train.shape[1], settings.critic_width).to(train.device, train.dtype)
     optimizer = torch.optim.Adam(critic.parameters(), lr=settings.lr, betas=settings.betas)
     schedule = (
@@ -178,7 +185,7 @@ def estimate_fisher(
 
     def check(step: int) -> None:
         nonlocal best
-        checked = _evaluate(critic, scores, val, settings.batch_size, generator).value
+        checked = _evaluate(critic, scores, val, settings.batch_size, val_generator).value
         if best is None or checked > best[0]:
             best = (checked, step, copy.deepcopy(critic.state_dict()), scores.posterior_state())
         bar.set_postfix(val=f"{checked:.4g}", best_step=best[1])
@@ -206,7 +213,7 @@ def estimate_fisher(
         _, step, critic_state, posterior_state = best
         critic.load_state_dict(critic_state)
         scores.load_posterior_state(posterior_state)
-    return replace(_evaluate(critic, scores, test, settings.batch_size, generator), critic_step=step)
+    return replace(_evaluate(critic, scores, test, settings.batch_size, test_generator), critic_step=step)
 
 
 def _evaluate(

@@ -68,7 +68,7 @@ def test_the_estimate_recovers_the_exact_divergence_at_two_levels(score):
 def test_validation_rows_choose_a_critic_that_has_not_fitted_the_training_rows():
     """At p = 0 (model = data) on 200 training rows, the final critic has fitted their noise and its test bound is
     well below the true 0; chosen on validation rows from step 0 on (the critic starts at f = 0, bound exactly 0),
-    the estimate is not."""
+    from the same training run, the estimate is not."""
     generator = torch.Generator().manual_seed(0)
     data = torch.randn(2200, 10, generator=generator)
     train, val, test = data[:200], data[200:1200], data[1200:]
@@ -81,6 +81,28 @@ def test_validation_rows_choose_a_critic_that_has_not_fitted_the_training_rows()
     assert Critic(10)(torch.randn(3, 10)).abs().max() == 0, "a fresh critic is f = 0"
 
 
+def test_the_chosen_critic_and_q_are_those_of_a_run_stopped_at_their_step():
+    """VaES on 200 training rows at p = 0.3: the validation rows choose an intermediate step, and the estimate and
+    q's weights equal those of the same training stopped at that step (checking draws from its own stream)."""
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(1400, 10, generator=generator)
+    train, val, test = data[:200], data[200:800], data[800:]
+    model = perturbed_grbm(10, 0.3, torch.Generator().manual_seed(1))
+
+    def fit(steps, val):
+        torch.manual_seed(0)
+        posterior = RelaxedBernoulliPosterior(10, 10, temperature=0.1)
+        settings = FisherSettings(steps=steps, lr=1e-3, n_lower_steps=1, seed=1, eval_every=100)
+        return estimate_fisher(model, train, test, "vaes", posterior, settings, progress=False, val=val), posterior
+
+    chosen, chosen_q = fit(1000, val)
+    assert 0 < chosen.critic_step < 1000, chosen
+    stopped, stopped_q = fit(chosen.critic_step, None)
+    assert (stopped.value, stopped.stderr) == (chosen.value, chosen.stderr)
+    for name, weight in chosen_q.state_dict().items():
+        assert torch.equal(weight, stopped_q.state_dict()[name]), name
+
+
 def test_bad_pairings_are_refused_with_the_key():
     data = torch.randn(10, 64)
     with pytest.raises(ConfigError, match="--score='exact'.*no free energy"):
@@ -89,6 +111,10 @@ def test_bad_pairings_are_refused_with_the_key():
         estimate_fisher(perturbed_grbm(2, 0.1, torch.Generator()), data[:, :2], data[:, :2], "vaes")
     with pytest.raises(ConfigError, match="steps=0"):
         FisherSettings(steps=0)
+    with pytest.raises(ConfigError, match="critic_width=0: must be an integer >= 1"):
+        FisherSettings(critic_width=0)
+    with pytest.raises(ConfigError, match=r"data=\(10, 3\).*d = 2"):
+        estimate_fisher(perturbed_grbm(2, 0.1, torch.Generator()), data[:, :2], data[:, :2], val=data[:, :3])
 
 
 def test_the_command_estimates_a_trained_runs_divergence(tmp_path, monkeypatch, capsys):
