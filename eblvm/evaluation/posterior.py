@@ -31,12 +31,14 @@ def posterior_gap(model: EnergyModel, posterior: Posterior, v: torch.Tensor) -> 
 
 @dataclass(frozen=True)
 class GradientBias:
-    """``‖E[g_BiSM] − ∇J‖₂``, the same relative to ``‖∇J‖₂``, and the standard error of the first."""
+    """``‖E[g] − ∇J‖₂`` for an estimator's energy gradient g, the same relative to ``‖∇J‖₂``, the standard error of
+    the first, and ``‖∇J‖₂`` itself."""
 
     bias: float
     relative_bias: float
     stderr: float
     repeats: int
+    exact_norm: float
 
 
 def _energy_gradient(model: EnergyModel, loss: torch.Tensor) -> torch.Tensor:
@@ -76,7 +78,8 @@ def gradient_bias(
     n_unroll: int | None = None,
     seed: int = 0,
 ) -> GradientBias:
-    """Bias of BiSM's energy gradient against the same score-matching objective with the exact score.
+    """Bias of the objective's energy gradient (BiSM's, VaGES's) against the same score-matching objective with the
+    exact score.
 
     For each of ``repeats`` draws r, q restarts from its current weights and ``optimizer``'s current state,
     takes ``n_lower_steps`` real steps and an ``n_unroll``-step unroll (the objective's own counts by default),
@@ -110,4 +113,4 @@ def gradient_bias(
     # standard error of ‖mean d‖ (delta method: the spread of the d_r along the mean's direction)
     stderr = (differences @ direction).std() / math.sqrt(repeats) if repeats > 1 else torch.tensor(float("nan"))
     exact_norm = torch.stack(exact_gradients).mean(0).norm()
-    return GradientBias(float(bias), float(bias / exact_norm), float(stderr), repeats)
+    return GradientBias(float(bias), float(bias / exact_norm), float(stderr), repeats, float(exact_norm))
