@@ -31,7 +31,7 @@ from eblvm.bilevel.module import BilevelModule
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.callbacks.base import EvaluationCallback
 from eblvm.checkpoints import FORMAT_VERSION, RECORD_KEY, load_checkpoint, resolve_checkpoint
-from eblvm.errors import ConfigError, require, require_choice
+from eblvm.errors import ConfigError, require, require_choice, require_count
 from eblvm.evaluation.settings import EvalConfig
 from eblvm.models.base import EnergyModel
 from eblvm.objectives.base import Objective
@@ -203,7 +203,7 @@ def check_devices(trainer: DictConfig) -> None:
 
 def check_run_settings(cfg: DictConfig) -> None:
     """The top-level settings of a training run, and the trainer's devices."""
-    require(int(cfg.trainer.max_steps) >= 1, "trainer.max_steps", cfg.trainer.max_steps, "must be >= 1")
+    require_count("trainer.max_steps", cfg.trainer.max_steps, 1)
     require_choice("test_checkpoint", cfg.test_checkpoint, ("best", "last"))
     ema_decay = cfg.get("ema_decay")
     require(ema_decay is None or 0 < ema_decay < 1, "ema_decay", ema_decay, "must be null or in (0, 1), e.g. 0.999")

@@ -16,7 +16,7 @@ from scipy.io import savemat
 
 from eblvm.assemble import build_dataclass, check_pairing, instantiate_node
 from eblvm.bilevel.optim import OptimConfig
-from eblvm.errors import ConfigError
+from eblvm.errors import ConfigError, require_count
 from eblvm.evaluation.settings import EvalConfig
 from eblvm.objectives import ScoreMatching
 from eblvm.run import run
@@ -115,7 +115,7 @@ BAD_VALUES = [
     ("model.h_dim=0", "model.h_dim=0", "an integer >= 1"),
     ("optim.lr=0", "optim.lr=0", "must be > 0"),
     ("optim.scheduler=linear", "optim.scheduler='linear'", "const, cosine, step"),
-    ("trainer.max_steps=0", "trainer.max_steps=0", "must be >= 1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0", "must be an integer >= 1"),
     ("objective=vages objective.higher=ssm", "objective.higher='ssm'", "use dsm, mdsm or ksd"),
     ("objective=vages objective.n_particles=1", "objective.n_particles=1", "at least 2 particles"),
     ("objective=vages objective.n_unroll=5", "objective.n_unroll=5", "set objective.n_unroll=0"),
@@ -294,3 +294,11 @@ def test_checkerboard_experiment_composes_with_its_objective_over_the_shared_bas
     assert cfg.objective._target_ == OmegaConf.load(ROOT / "conf" / "objective" / f"{objective}.yaml")._target_
     assert {key: cfg.objective[key] for key in keys} == keys
     assert (cfg.seed, cfg.model.h_dim, cfg.trainer.max_steps, cfg.trainer.val_check_interval) == (1234, 4, 100000, 5000)
+
+
+def test_counts_must_be_integers_not_bools_or_floats():
+    require_count("k", 0, 0)
+    require_count("k", 3, 1)
+    for value in (True, 1.0, 0, "2"):
+        with pytest.raises(ConfigError, match=f"^k={value!r}: must be an integer >= 1"):
+            require_count("k", value, 1)

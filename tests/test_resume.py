@@ -146,7 +146,7 @@ def test_skip_policy_stops_after_too_many_in_a_row(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [("on_nonfinite=ignore", "on_nonfinite='ignore': must be one of stop, skip"),
-     ("max_consecutive_skips=0", "max_consecutive_skips=0: must be >= 1")],
+     ("max_consecutive_skips=0", "max_consecutive_skips=0: must be an integer >= 1")],
 )  # fmt: skip
 def test_bad_divergence_policy_is_named(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

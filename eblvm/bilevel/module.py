@@ -24,7 +24,7 @@ from eblvm.checkpoints import (
     random_states,
     set_random_states,
 )
-from eblvm.errors import DivergenceError, require, require_choice
+from eblvm.errors import DivergenceError, require_choice, require_count
 from eblvm.models.base import EnergyModel
 from eblvm.objectives.base import Objective
 from eblvm.objectives.estimators import frozen_energy
@@ -76,7 +76,7 @@ class BilevelModule(pl.LightningModule):
         self.optim = optim
         self.seed = seed
         require_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
-        require(max_consecutive_skips >= 1, "max_consecutive_skips", max_consecutive_skips, "must be >= 1")
+        require_count("max_consecutive_skips", max_consecutive_skips, 1)
         self.on_nonfinite = on_nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.run_record = run_record or {}

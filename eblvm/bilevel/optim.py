@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eblvm.errors import require, require_choice
+from eblvm.errors import require, require_choice, require_count
 
 Tensors = dict[str, torch.Tensor]
 
@@ -212,7 +212,7 @@ class OptimConfig:
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two in [0, 1)")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
-        require(self.step_size >= 1, "step_size", self.step_size, "must be >= 1")
+        require_count("step_size", self.step_size, 1)
         require(
             self.clip_grad_norm is None or self.clip_grad_norm > 0,
             "clip_grad_norm",

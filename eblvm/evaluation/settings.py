@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from eblvm.errors import require
+from eblvm.errors import require, require_count
 from eblvm.evaluation.likelihood import LogPartition, log_partition
 from eblvm.models.base import EnergyModel
 
@@ -32,9 +32,9 @@ class EvalConfig:
 
     def __post_init__(self):
         for key in ("ais_temperatures", "ais_chains", "gradient_bias_batch", "kid_subset_size"):
-            require(getattr(self, key) >= 2, key, getattr(self, key), "must be >= 2")
+            require_count(key, getattr(self, key), 2)
         for key in ("gradient_bias_repeats", "fid_samples"):
-            require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+            require_count(key, getattr(self, key), 0)
         if self.fid_samples:
             require(
                 self.inception_weights is not None and Path(self.inception_weights).is_file(),

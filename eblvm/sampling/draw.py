@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from eblvm.errors import ConfigError, require, require_choice
+from eblvm.errors import ConfigError, require, require_choice, require_count
 from eblvm.models.base import EnergyModel
 from eblvm.posteriors.base import Posterior
 from eblvm.sampling.gibbs import gibbs_sample
@@ -38,7 +38,7 @@ class SamplingConfig:
     def __post_init__(self):
         require_choice("mode", self.mode, MODES)
         for key in ("n_samples", "gibbs_sweeps", "n_images"):
-            require(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+            require_count(key, getattr(self, key), 1)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingConfig:
