@@ -180,6 +180,17 @@ def test_digits_bimdsm_runs_and_writes_samples(tmp_path, overrides):
     assert summary["figures"]["samples"].endswith("test_step0000004.png")
 
 
+def test_digits_vagesmdsm_trains_with_refinement_and_ema_and_writes_samples(tmp_path):
+    """The CPU-sized VaGES-MDSM file: VaGES with latent refinement, EMA weights evaluated, via-q samples."""
+    overrides = ["experiment=digits_vagesmdsm", "debug=fast_deep", "trainer.max_steps=2"]
+    cfg = compose_train_config(tmp_path, overrides)
+    assert (cfg.objective.estimator, cfg.objective.refine_steps, cfg.ema_decay) == ("vages", 5, 0.99)
+    summary = run(cfg)
+    assert summary["steps"] == 2 and math.isfinite(summary["test/objective"])
+    assert summary["evaluated_weights"] == "EMA (decay 0.99)" and summary["sampling_mode"] == "via_q"
+    assert summary["figures"]["samples"].endswith("test_step0000002.png")
+
+
 def test_fid_kid_and_linear_probe_through_a_training_run(tmp_path, random_inception_weights):
     """FID/KID of via-q samples at validation and test (a random-weight Inception stands in for the real file), and
     the linear probe on q's means: 10 digit classes, 270 test rows, so chance is 0.1 ± 0.018."""
