@@ -3,6 +3,7 @@
     python experiments/fisher_estimation/benchmark.py                  # d = 200, perturbations 0 … 1 (both scores)
     python experiments/fisher_estimation/benchmark.py --dims 200 500   # the paper's two dimensions
     python experiments/fisher_estimation/benchmark.py --setting quick  # the pipeline in seconds (d = 10, 300 steps)
+    python experiments/fisher_estimation/benchmark.py --scores vaes --levels 0 0.4  # some levels only
 
 Data: 20,000 draws of N(0, I_d), split 16k/2k/2k (train/val/test: the critic reported is the one with the best
 validation objective, checked every 500 steps from its start at f = 0). For each perturbation level p, a GRBM with
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--setting", choices=SETTINGS, default="default")
     parser.add_argument("--dims", type=int, nargs="+", help="dimensions (default 200; quick: 10)")
     parser.add_argument("--scores", nargs="+", choices=SCORES, default=list(SCORES))
+    parser.add_argument("--levels", type=float, nargs="+", help="perturbations p (default: the setting's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=FisherSettings.lr, help="the critic's Adam rate")
     parser.add_argument("--schedule", choices=SCHEDULES, default=FisherSettings.schedule)
@@ -107,7 +109,7 @@ def main() -> None:
     setting = SETTINGS[args.setting]
     dims = args.dims or ([10] if args.setting == "quick" else [200])
     args.out.mkdir(parents=True, exist_ok=True)
-    cases = [(dim, level, score) for dim in dims for level in setting["levels"] for score in args.scores]
+    cases = [(dim, level, score) for dim in dims for level in args.levels or setting["levels"] for score in args.scores]
     cases.sort(key=lambda case: (-case[0], case[2] != "vaes"))  # the longest first, so the jobs end together
     settings = FisherSettings(
         steps=setting["steps"], seed=args.seed, lr=args.lr, schedule=args.schedule, critic_width=args.critic_width
