@@ -81,10 +81,8 @@ class FisherSettings:
         if self.critic_width is not None:
             require_count("critic_width", self.critic_width, 1)
         for key in ("steps", "batch_size", "n_particles", "eval_every"):
-            value = getattr(self, key)
-            require_count(key, value, 1)
-        steps = self.n_lower_steps
-        require_count("n_lower_steps", steps, 0)
+            require_count(key, getattr(self, key), 1)
+        require_count("n_lower_steps", self.n_lower_steps, 0)
         for key in ("lr", "posterior_lr"):
             require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
 
@@ -200,7 +198,7 @@ def estimate_fisher(
         v = train[order[position : position + settings.batch_size]]
         position += settings.batch_size
         scores.fit_posterior(v, generator)
-        objective = critic_values(critic, scores(v, generator), v, noise.signs(v.shape, generator, v)).mean()
+        objective = _bound(critic, scores, v, generator).mean()
         optimizer.zero_grad(set_to_none=True)
         (-objective).backward()
         optimizer.step()
@@ -223,8 +221,13 @@ def _evaluate(
     values = []
     for start in range(0, len(rows), batch_size):
         v = rows[start : start + batch_size]
-        values.append(critic_values(critic, scores(v, generator), v, noise.signs(v.shape, generator, v)).detach())
+        values.append(_bound(critic, scores, v, generator).detach())
     return _per_row_mean(torch.cat(values))
+
+
+def _bound(critic: nn.Module, scores: _Scores, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``critic_values`` at rows ``v`` with the model's scores there and a fresh Rademacher probe."""
+    return critic_values(critic, scores(v, generator), v, noise.signs(v.shape, generator, v))
 
 
 def perturbed_grbm(dim: int, level: float, generator: torch.Generator) -> GRBM:

@@ -50,8 +50,7 @@ class LangevinSchedule:
         require(self.step_size > 0, "step_size", self.step_size, "must be > 0")
         require(self.hot_temperature > 0, "hot_temperature", self.hot_temperature, "must be > 0")
         for key in ("hot_steps", "anneal_steps", "cool_steps"):
-            value = getattr(self, key)
-            require_count(key, value, 0)
+            require_count(key, getattr(self, key), 0)
         require(
             self.denoise_sigma is None or self.denoise_sigma >= 0,
             "denoise_sigma",
