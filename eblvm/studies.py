@@ -108,8 +108,9 @@ def load_model(run_dir: str | Path, checkpoint: str = "best.ckpt") -> EnergyMode
     return rebuild(Path(run_dir) / "checkpoints" / checkpoint).model
 
 
-def provenance(command: str, seconds: float, timed: str = "wall-clock time") -> str:
-    """A markdown paragraph: the command, the commit, the machine and the run time (``timed`` says which time)."""
+def provenance(command: str, seconds: float | None, summed_training_seconds: float | None = None) -> str:
+    """A markdown paragraph: the command, the commit, the machine and the run time: the wall-clock ``seconds``, or,
+    where none were timed (a table rebuilt from finished runs), the runs' training time summed."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
@@ -117,5 +118,9 @@ def provenance(command: str, seconds: float, timed: str = "wall-clock time") -> 
     return (
         f"- command: `{command}`\n- commit: `{commit.stdout.strip() or 'unknown'}`"
         f"{' (with uncommitted changes)' if dirty.stdout else ''}\n- machine: {machine}{gpu}\n"
-        f"- {timed}: {seconds / 60:.1f} min\n"
+        + (
+            f"- wall-clock time: {seconds / 60:.1f} min\n"
+            if seconds is not None
+            else f"- training time, summed over runs: {summed_training_seconds / 60:.1f} min\n"
+        )
     )

@@ -173,11 +173,7 @@ def aggregate(study: Study, setting: str, out: Path, command: str, seconds: floa
         + "\n".join(rows)
         + "\n\n"
         + curve_section
-        + (
-            provenance(command, seconds)
-            if seconds is not None
-            else provenance(command, total_seconds, "training time, summed over runs")
-        )
+        + provenance(command, seconds, total_seconds)
         + "".join(f"- excluded (tested an earlier best checkpoint, not the final weights): `{r}`\n" for r in excluded)
         + "".join(f"- not in the table (no finished runs under `runs/{setting}`): {name}\n" for name in missing)
         + (f"\n![learned densities]({figure.name})\n" if figure else "")

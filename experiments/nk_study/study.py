@@ -276,11 +276,7 @@ def main() -> None:
     results = args.out / f"{stem}{suffix}.md"
     results.write_text(
         text
-        + (
-            provenance(command.strip(), seconds)
-            if seconds is not None
-            else provenance(command.strip(), sum(r["train_seconds"] for r in runs), "training time, summed over runs")
-        )
+        + provenance(command.strip(), seconds, sum(r["train_seconds"] for r in runs))
         + "".join(f"\n![{figure.stem}]({figure.name})\n" for figure in figures)
     )
     print(f"wrote {results} and {', '.join(map(str, figures))}")
