@@ -13,11 +13,16 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def _quick_study(tmp_path, *arguments: str) -> str:
-    command = [sys.executable, "experiments/checkerboard/study.py", "--setting", "quick", "--out", str(tmp_path)]
-    result = subprocess.run([*command, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+def _run_quick(tmp_path, script: str, *arguments: str, timeout: int) -> str:
+    """``python <script> --setting quick --out <tmp_path> <arguments>``, which must succeed; its output."""
+    command = [sys.executable, script, "--setting", "quick", "--out", str(tmp_path), *arguments]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout
+
+
+def _quick_study(tmp_path, *arguments: str) -> str:
+    return _run_quick(tmp_path, "experiments/checkerboard/study.py", *arguments, timeout=1200)
 
 
 def test_checkerboard_studies_quick_write_their_tables_and_figures(tmp_path):
@@ -43,9 +48,7 @@ def test_checkerboard_studies_quick_write_their_tables_and_figures(tmp_path):
 
 
 def test_nk_study_quick_writes_table_and_gradient_bias_figure(tmp_path):
-    command = [sys.executable, "experiments/nk_study/study.py", "--setting", "quick", "--repeats", "3"]
-    result = subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    _run_quick(tmp_path, "experiments/nk_study/study.py", "--repeats", "3", timeout=900)
     table = (tmp_path / "results_quick.md").read_text()
     grid_rows = [line for line in table.splitlines() if re.match(r"\| (0|1|5|10) \|", line)]
     assert len(grid_rows) == 8, "a 4x4 log-likelihood grid and a 4x4 gradient-bias grid"
@@ -55,10 +58,7 @@ def test_nk_study_quick_writes_table_and_gradient_bias_figure(tmp_path):
 
 
 def test_vages_grid_quick_writes_tables_and_figure(tmp_path):
-    command = [sys.executable, "experiments/nk_study/study.py", "--study", "vages", "--setting", "quick"]
-    command += ["--repeats", "3", "--out", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    _run_quick(tmp_path, "experiments/nk_study/study.py", "--study", "vages", "--repeats", "3", timeout=900)
     table = (tmp_path / "results_vages_quick.md").read_text()
     grid_rows = [line for line in table.splitlines() if re.match(r"\| (1|2) \|", line)]
     assert len(grid_rows) == 6, "log-likelihood, gradient-bias and time grids over K = 1, 2"
@@ -68,10 +68,7 @@ def test_vages_grid_quick_writes_tables_and_figure(tmp_path):
 
 
 def test_fisher_benchmark_quick_writes_table_and_figure(tmp_path):
-    command = [sys.executable, "experiments/fisher_estimation/benchmark.py", "--setting", "quick"]
-    command += ["--out", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    _run_quick(tmp_path, "experiments/fisher_estimation/benchmark.py", timeout=600)
     table = (tmp_path / "results_quick.md").read_text()
     rows = [line for line in table.splitlines() if re.match(r"\| 10 \| 0\.[05] \| (exact|vaes) \|", line)]
     assert len(rows) == 4, table
