@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 import eblvm.config  # noqa: F401  (registers the schema that conf/train.yaml names first)
+from eblvm.atomic import write_json
 from eblvm.ensemble import format_ensemble_summary, is_ensemble, run_ensemble
 from eblvm.errors import ConfigError, DivergenceError, Preempted
 from eblvm.run import format_summary, run
@@ -64,7 +64,7 @@ def main(cfg: DictConfig) -> float | None:
     if rank_zero_only.rank == 0:  # DDP launched as processes: every rank runs this, one writes
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "outcome.json").write_text(json.dumps(outcome, indent=2))
+        write_json(out / "outcome.json", outcome)
     if error is not None:
         log.error(outcome["message"])
         if not multirun:

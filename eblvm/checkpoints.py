@@ -8,7 +8,6 @@ allowed (checkpoints of format 0, written before the version existed, hold numpy
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import warnings
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from eblvm.atomic import replacing
 from eblvm.errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -48,18 +48,13 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", key: str = "che
 class CheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint reader and writer, made safe and atomic.
 
-    Writing: the checkpoint goes to a hidden temporary file beside the target, is flushed to disk, and is renamed
-    over the target, so a run killed mid-write leaves the previous file intact. Reading: ``load_checkpoint``.
+    Writing: through ``eblvm.atomic.replacing``, so a run killed mid-write leaves the previous file intact.
+    Reading: ``load_checkpoint``.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        with open(partial, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(partial, path)
+        with replacing(path) as partial:
+            super().save_checkpoint(checkpoint, partial, storage_options)
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None):
         return load_checkpoint(path, map_location or "cpu", key="ckpt_path")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import time
@@ -31,6 +30,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from eblvm.assemble import RunParts, assemble, build_dataclass, instantiate_node
+from eblvm.atomic import write_json
 from eblvm.bilevel.ensemble import EnsembleModule
 from eblvm.bilevel.optim import OptimConfig, member_learning_rates
 from eblvm.callbacks import LastCheckpoint
@@ -440,7 +440,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
             ms_per_step=round(1000 * train_seconds / max(steps, 1) / len(parts.members), 3),
             ensemble_size=len(parts.members),
         )  # fmt: skip
-        (Path(config.paths.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(Path(config.paths.output_dir) / "summary.json", summary)
         member_summaries.append(summary)
     member_log.finalize()
     means, stds = _mean_and_std(member_summaries)
@@ -459,7 +459,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
         "std": stds,
         "member_summaries": [str(Path(config.paths.output_dir) / "summary.json") for config in parts.configs],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 

@@ -10,7 +10,6 @@ the figures into ``--out`` (default ``<run>/evaluation/<checkpoint name>``) and 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from eblvm.assemble import WEIGHTS, RunParts, rebuild, saved_config
+from eblvm.atomic import write_json
 from eblvm.checkpoints import load_checkpoint, resolve_checkpoint
 from eblvm.errors import ConfigError
 
@@ -88,7 +88,7 @@ def evaluate(
         "seconds": round(time.perf_counter() - start, 2),
         "metrics": {name: float(value) for name, value in metrics.items()},
     }
-    (out / "metrics.json").write_text(json.dumps(record, indent=2))
+    write_json(out / "metrics.json", record)
     return record
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from eblvm import noise
 from eblvm.assemble import rebuild
+from eblvm.atomic import write_json
 from eblvm.errors import ConfigError, require, require_choice, require_count
 from eblvm.models.base import EnergyModel
 from eblvm.models.grbm import GRBM
@@ -275,7 +275,7 @@ def main() -> None:
     out = args.out or trained.path.parent.parent / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     record = {**asdict(estimate), "score": args.score, "checkpoint": str(trained.path), "settings": asdict(settings)}
-    (out / f"fisher_{args.score}.json").write_text(json.dumps(record, indent=2))
+    write_json(out / f"fisher_{args.score}.json", record)
     print(f"wrote {out / f'fisher_{args.score}.json'}")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
@@ -15,6 +14,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from eblvm.assemble import RunParts, assemble, check_run_settings, instantiate_node, saved_config
+from eblvm.atomic import write_json, write_text
 from eblvm.callbacks import EvaluationCallback, LastCheckpoint, ParameterEMA
 from eblvm.checkpoints import CheckpointIO, last_checkpoint, load_checkpoint
 from eblvm.errors import ConfigError, require
@@ -105,7 +105,7 @@ def check_resume(cfg: DictConfig, resume_from: Path, out: Path) -> None:
         history_file = out / RESUME_CHANGES_FILE
         history = (yaml.safe_load(history_file.read_text()) or []) if history_file.is_file() else []
         history.append({"resumed_from": str(resume_from), "changes": changes})
-        history_file.write_text(yaml.safe_dump(history, sort_keys=False))
+        write_text(history_file, yaml.safe_dump(history, sort_keys=False))
 
 
 def _instantiate_loggers(cfg: DictConfig, out: Path, resume_from: Path | None) -> list:
@@ -120,7 +120,7 @@ def _instantiate_loggers(cfg: DictConfig, out: Path, resume_from: Path | None) -
         own_run = resume_from is not None and resume_from.resolve().is_relative_to(out.resolve())
         # a new run: 8 random lowercase hex characters, the form of W&B's own run ids
         run_id = earlier.read_text().strip() if own_run and earlier.is_file() else secrets.token_hex(4)
-        earlier.write_text(run_id)
+        write_text(earlier, run_id)
         loggers.append(instantiate_node(f"logger.{name}", node, id=run_id, resume="allow"))
     return loggers
 
@@ -195,7 +195,7 @@ def checked_start(cfg: DictConfig) -> tuple[Path, Path | None]:
 def write_config(cfg: DictConfig, out: Path) -> None:
     """``<out>/config.yaml``: the resolved config of the run that writes ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -240,5 +240,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         best_checkpoint=best,
         last_checkpoint=str(last_checkpoint(out)) if last_checkpoint(out).is_file() else "",
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary

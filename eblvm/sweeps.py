@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from eblvm.aggregate import group_by_setting, job_cells, job_metrics, mean_std_cells, present_metrics, read_summary
+from eblvm.atomic import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +161,11 @@ def mean_std_table(outcomes: list[JobOutcome]) -> str:
 def write_outcomes(sweep_dir: Path) -> list[JobOutcome]:
     """Write ``outcomes.json`` and ``outcomes.md`` into ``sweep_dir`` and return the outcomes they hold."""
     outcomes = collect_outcomes(sweep_dir)
-    (sweep_dir / "outcomes.json").write_text(json.dumps([asdict(outcome) for outcome in outcomes], indent=2) + "\n")
-    (sweep_dir / "outcomes.md").write_text(
+    write_json(sweep_dir / "outcomes.json", [asdict(outcome) for outcome in outcomes])
+    write_text(
+        sweep_dir / "outcomes.md",
         f"{count_line(outcomes)}\n\n{markdown_table(outcomes)}\n"
-        f"mean ± std over seeds, for each setting of the other overrides:\n\n{mean_std_table(outcomes)}"
+        f"mean ± std over seeds, for each setting of the other overrides:\n\n{mean_std_table(outcomes)}",
     )
     return outcomes
 

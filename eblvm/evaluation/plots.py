@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
+from eblvm.atomic import replacing  # noqa: E402
 from eblvm.models.base import EnergyModel  # noqa: E402
 
 
@@ -107,21 +108,21 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int | None = None, u
     pixels are enlarged by the integer factor ``upscale_to // max(H, W)`` (nearest neighbour), so 8×8 digits can
     be seen; 1 keeps every size."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = images.detach().cpu()
     factor = max(1, upscale_to // max(images.shape[-2:]))
     if factor > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
     nrow = math.ceil(math.sqrt(len(images))) if nrow is None else nrow
-    save_image(images.clamp(0, 1), path, nrow=nrow)
+    with replacing(path) as partial:
+        save_image(images.clamp(0, 1), partial, nrow=nrow, format="png")
     return path
 
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:
-    """Write ``fig`` to ``path`` (its folder created) as a 100-dpi PNG and close it."""
+    """Write ``fig`` to ``path`` (its folder created, atomically) as a 100-dpi PNG and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replacing(path) as partial:
+        fig.savefig(partial, dpi=100, format="png")
     plt.close(fig)
     return path

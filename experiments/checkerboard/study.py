@@ -35,6 +35,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from eblvm.aggregate import mean_std  # noqa: E402
 from eblvm.assemble import instantiate_node  # noqa: E402
+from eblvm.atomic import write_text  # noqa: E402
 from eblvm.checkpoints import load_checkpoint  # noqa: E402
 from eblvm.evaluation.plots import plot_density_grid, save_figure  # noqa: E402
 from eblvm.studies import Method, collect, launch_ensembles, load_model, provenance  # noqa: E402
@@ -162,7 +163,8 @@ def aggregate(study: Study, setting: str, out: Path, command: str, seconds: floa
     figure = plot_density_grid(densities, data, out / f"density_grid{suffix}.png") if densities else None
     curve_section = _curve_section(study, runs_dir, out / f"curves{suffix}.png") if study.curve else ""
     results = out / f"results{suffix}.md"
-    results.write_text(
+    write_text(
+        results,
         f"# Checkerboard study, {study.paper} paper ({setting})\n\n"
         "Test log-likelihood in nats per point (exact, by enumerating the 16 hidden states; the best possible is "
         "log 2 = 0.693), SM objective on test (exact score and Hessian trace; lower is better), and seconds per "
@@ -176,7 +178,7 @@ def aggregate(study: Study, setting: str, out: Path, command: str, seconds: floa
         + provenance(command, seconds, total_seconds)
         + "".join(f"- excluded (tested an earlier best checkpoint, not the final weights): `{r}`\n" for r in excluded)
         + "".join(f"- not in the table (no finished runs under `runs/{setting}`): {name}\n" for name in missing)
-        + (f"\n![learned densities]({figure.name})\n" if figure else "")
+        + (f"\n![learned densities]({figure.name})\n" if figure else ""),
     )
     return results
 

@@ -33,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from eblvm.atomic import write_text  # noqa: E402
 from eblvm.evaluation.plots import save_figure  # noqa: E402
 from eblvm.fisher import (  # noqa: E402
     SCHEDULES,
@@ -157,7 +158,7 @@ def main() -> None:
         f"\n![estimated against true]({figure.name})\n",
     ]
     results_file = args.out / f"results{suffix}.md"
-    results_file.write_text("\n".join(lines))
+    write_text(results_file, "\n".join(lines))
     print(f"wrote {results_file}")
 
 

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from eblvm.aggregate import METRICS, job_cells  # noqa: E402
 from eblvm.assemble import instantiate_node, rebuild  # noqa: E402
+from eblvm.atomic import write_text  # noqa: E402
 from eblvm.evaluation.plots import save_figure  # noqa: E402
 from eblvm.evaluation.posterior import gradient_bias  # noqa: E402
 from eblvm.studies import ROOT, Method, collect, launch, provenance  # noqa: E402
@@ -274,10 +275,11 @@ def main() -> None:
     runs, text, figures = study(args, runs_dir, suffix)
     command = "python experiments/nk_study/study.py " + " ".join(sys.argv[1:])
     results = args.out / f"{stem}{suffix}.md"
-    results.write_text(
+    write_text(
+        results,
         text
         + provenance(command.strip(), seconds, sum(r["train_seconds"] for r in runs))
-        + "".join(f"\n![{figure.stem}]({figure.name})\n" for figure in figures)
+        + "".join(f"\n![{figure.stem}]({figure.name})\n" for figure in figures),
     )
     print(f"wrote {results} and {', '.join(map(str, figures))}")
 

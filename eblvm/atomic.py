@@ -1,0 +1,43 @@
+"""Atomic file writes: a file eblvm writes is either the old one or the complete new one, never half of it.
+
+Every result a run or a study leaves behind (checkpoints, ``summary.json``, ``metrics.json``, tables, figures) is
+written to a hidden temporary file beside its target, flushed to disk and renamed over the target. A run killed
+mid-write, or a disk that fills up, leaves the previous file intact and no partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (its folder created) to write to; when the block ends without an
+    error, the temporary file is flushed to disk and renamed over ``path``, and on an error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        with open(partial, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with replacing(path) as partial:
+        partial.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """Write ``value`` to ``path`` atomically as indented JSON with a final newline."""
+    return write_text(path, json.dumps(value, indent=2) + "\n")
