@@ -30,13 +30,19 @@ class Method:
     overrides: tuple[str, ...]
 
 
+def threads_per_job(jobs: int) -> int:
+    """The threads each of ``jobs`` side-by-side jobs uses: ``OMP_NUM_THREADS`` when it is set (several studies
+    sharing the machine), else ``cores / jobs``; small models gain nothing from more, and jobs side by side must
+    not oversubscribe the cores."""
+    return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // jobs))
+
+
 def _run_all(commands: dict[str, tuple[list[str], Path]], jobs: int) -> float:
     """Run each named ``train.py`` command (its output folder beside it), ``jobs`` side by side, each with
     ``cores / jobs`` threads; a failure is reported with its log file and stops the study. Returns the wall-clock
     seconds."""
     start = time.perf_counter()
-    # Small models gain nothing from several threads, and jobs side by side must not oversubscribe the cores.
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)), **os.environ}
+    env = {"OMP_NUM_THREADS": str(threads_per_job(jobs)), **os.environ}
 
     def run_one(name: str) -> None:
         command, out = commands[name]

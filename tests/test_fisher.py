@@ -65,6 +65,29 @@ def test_the_estimate_recovers_the_exact_divergence_at_two_levels(score):
             assert estimate.critic_step > 0
 
 
+def test_the_regression_diagnostic_fits_the_optimal_critic_when_the_critic_can_represent_it(monkeypatch):
+    """With W = 0 the optimal critic s_θ − s_d = s_θ + v is the constant b: fitted by regression onto it (the data
+    score −v given), the critic outputs b, and its bound on test rows is the exact divergence ½‖b‖²."""
+    model = perturbed_grbm(4, 0.0, torch.Generator())
+    b = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    with torch.no_grad():
+        model.b.copy_(b)
+    data = torch.randn(3000, 4, generator=torch.Generator().manual_seed(0))
+    train, val, test = data[:2000], data[2000:2500], data[2500:]
+    critics = []
+    torch.manual_seed(0)
+    monkeypatch.setattr(fisher, "Critic", lambda *args: critics.append(Critic(*args)) or critics[-1])
+    settings = FisherSettings(steps=1500, lr=1e-2, schedule="cosine", eval_every=100)
+    estimate = estimate_fisher(model, train, test, settings=settings, progress=False, val=val, data_score=lambda v: -v)
+    (critic,) = critics
+    with torch.no_grad():
+        root_mean_square_error = (critic(test) - b).pow(2).mean().sqrt()
+    assert root_mean_square_error < 0.01, root_mean_square_error
+    truth = true_fisher_to_standard_normal(model, test)
+    torch.testing.assert_close(truth.value, 0.5 * float((b**2).sum()), rtol=1e-5, atol=0)
+    assert abs(estimate.value - truth.value) <= 2 * estimate.stderr, (estimate, truth)
+
+
 def test_validation_rows_choose_a_critic_that_has_not_fitted_the_training_rows():
     """At p = 0 (model = data) on 200 training rows, the final critic has fitted their noise and its test bound is
     well below the true 0; chosen on validation rows from step 0 on (the critic starts at f = 0, bound exactly 0),
