@@ -38,7 +38,14 @@ from eblvm.checkpoints import FORMAT_VERSION, RECORD_KEY, CheckpointIO, last_che
 from eblvm.errors import ConfigError, require, require_count
 from eblvm.evaluate import evaluation_trainer
 from eblvm.members import member_slice, stack, stack_parameters
-from eblvm.run import _lightning_callbacks, checked_start, summarize, training_only_metrics, write_config
+from eblvm.run import (
+    _lightning_callbacks,
+    checked_start,
+    summarize,
+    training_only_metrics,
+    wandb_run_id,
+    write_config,
+)
 
 # The settings members may differ in, besides their seeds: continuous ones the stacked step takes per member.
 VARIABLE_KEYS = ("optim.lr", "optim.posterior_lr", "objective.sigma")
@@ -281,26 +288,33 @@ class MemberLog:
                 logger.log_image(key, [str(path)], step=step)
 
     def finalize(self) -> None:
-        for logger in [*self.csv_loggers, *(logger for loggers in self.member_loggers for logger in loggers)]:
+        """Close every logger; each member's W&B run is finished, as the one run of a single training is at exit."""
+        for logger in self.csv_loggers:
             logger.finalize("success")
+        for logger in (logger for loggers in self.member_loggers for logger in loggers):
+            logger.finalize("success")
+            logger.experiment.finish()
 
 
-def _loggers(cfg: DictConfig, configs: list[DictConfig]) -> tuple[list, list[list]]:
+def _loggers(
+    cfg: DictConfig, configs: list[DictConfig], out: Path, resume_from: Path | None
+) -> tuple[list, list[list]]:
     """The ensemble's CSV loggers and, per member, a W&B logger for each configured one (grouped under the
-    ensemble's run name)."""
+    ensemble's run name), which keeps its id when the ensemble resumes in its own directory ``out``."""
     csv_loggers, member_loggers = [], [[] for _ in configs]
     for name, node in (cfg.logger or {}).items():
         if get_object(node._target_) is not pl.loggers.WandbLogger:
             csv_loggers.append(instantiate_node(f"logger.{name}", node))
             continue
         for member, config in enumerate(configs):
-            Path(config.paths.output_dir).mkdir(parents=True, exist_ok=True)
             # W&B's own keys: the ensemble's group, and one run of its own per member in this process
             member_node = OmegaConf.create(
                 {**OmegaConf.to_container(node, resolve=True), "group": cfg.run_name, "reinit": "create_new"}
             )
+            member_dir = Path(config.paths.output_dir)
+            run_id = wandb_run_id(member_dir, out, resume_from)
             logger = instantiate_node(
-                f"logger.{name}", member_node, name=config.run_name, save_dir=config.paths.output_dir
+                f"logger.{name}", member_node, name=config.run_name, save_dir=str(member_dir), id=run_id, resume="allow"
             )
             logger.log_hyperparams(OmegaConf.to_container(config))
             member_loggers[member].append(logger)
@@ -408,7 +422,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     write_config(cfg, out)
     for config in parts.configs:
         write_config(config, Path(config.paths.output_dir))
-    member_log = MemberLog(*_loggers(cfg, parts.configs))
+    member_log = MemberLog(*_loggers(cfg, parts.configs, out, resume_from))
     parts.module.member_log = member_log
     monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor")
     evaluation = MemberEvaluation(parts, member_log, monitor, OmegaConf.select(cfg, "callbacks.checkpoint.mode"))

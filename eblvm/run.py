@@ -108,19 +108,26 @@ def check_resume(cfg: DictConfig, resume_from: Path, out: Path) -> None:
         write_text(history_file, yaml.safe_dump(history, sort_keys=False))
 
 
+def wandb_run_id(log_dir: Path, out: Path, resume_from: Path | None) -> str:
+    """The W&B run id of the run logged from ``log_dir`` (the run directory, or an ensemble member's), kept in
+    ``<log_dir>/wandb_run_id``: a run resumed from a checkpoint inside its own run directory ``out`` reuses it, so
+    the curves go on in the same W&B run; a new run, or one started from another run's checkpoint, gets a new one
+    (8 random lowercase hex characters, the form of W&B's own ids)."""
+    earlier = log_dir / WANDB_ID_FILE
+    own_run = resume_from is not None and resume_from.resolve().is_relative_to(out.resolve())
+    run_id = earlier.read_text().strip() if own_run and earlier.is_file() else secrets.token_hex(4)
+    write_text(earlier, run_id)
+    return run_id
+
+
 def _instantiate_loggers(cfg: DictConfig, out: Path, resume_from: Path | None) -> list:
-    """The configured loggers. A W&B run's id is kept in ``<run>/wandb_run_id``; a run resumed in its own run
-    directory reuses it, so the curves go on in the same W&B run (a checkpoint of another run starts a new one)."""
+    """The configured loggers; a W&B run keeps its id across resumes (``wandb_run_id``)."""
     loggers = []
     for name, node in (cfg.logger or {}).items():
         if get_object(node._target_) is not pl.loggers.WandbLogger:
             loggers.append(instantiate_node(f"logger.{name}", node))
             continue
-        earlier = out / WANDB_ID_FILE
-        own_run = resume_from is not None and resume_from.resolve().is_relative_to(out.resolve())
-        # a new run: 8 random lowercase hex characters, the form of W&B's own run ids
-        run_id = earlier.read_text().strip() if own_run and earlier.is_file() else secrets.token_hex(4)
-        write_text(earlier, run_id)
+        run_id = wandb_run_id(out, out, resume_from)
         loggers.append(instantiate_node(f"logger.{name}", node, id=run_id, resume="allow"))
     return loggers
 

@@ -15,6 +15,7 @@ from eblvm.ensemble import EnsembleConfig, assemble_ensemble, export_member, mem
 from eblvm.errors import ConfigError
 from eblvm.members import member_slice
 from eblvm.noise import MemberGenerators
+from eblvm.run import WANDB_ID_FILE
 from eblvm.sample import sample
 from tests.conftest import FAST_RUN, compose_train_config
 
@@ -215,14 +216,19 @@ def test_member_slice_keeps_shared_and_unborn_state():
 
 def test_a_resumed_ensemble_equals_the_uninterrupted_one(tmp_path):
     """15 steps, then resumed from ``last.ckpt`` to 30, ends where 30 steps in one go do: the members' generators,
-    shuffling positions, optimizer states and masks are all in the checkpoint."""
-    overrides = FAST_RUN + ["ensemble.size=2", "objective=pcd", "evaluation.gradient_bias_repeats=0"]
+    shuffling positions, optimizer states and masks are all in the checkpoint. Each member's W&B run goes on under
+    its own id."""
+    overrides = FAST_RUN + ["ensemble.size=2", "objective=pcd", "evaluation.gradient_bias_repeats=0", "logger=wandb"]
     straight = tmp_path / "straight"
     run_ensemble(compose_train_config(straight, overrides + ["trainer.max_steps=30"]))
     halves = tmp_path / "halves"
     run_ensemble(compose_train_config(halves, overrides + ["trainer.max_steps=15"]))
+    member_ids = [(halves / "members" / str(member) / WANDB_ID_FILE).read_text() for member in range(2)]
     resumed = overrides + ["trainer.max_steps=30", f"ckpt_path={halves / 'checkpoints' / 'last.ckpt'}"]
     run_ensemble(compose_train_config(halves, resumed))
+    assert [(halves / "members" / str(member) / WANDB_ID_FILE).read_text() for member in range(2)] == member_ids
+    straight_ids = [(straight / "members" / str(member) / WANDB_ID_FILE).read_text() for member in range(2)]
+    assert len({*member_ids, *straight_ids}) == 4, "each member of each ensemble is a W&B run of its own"
     for name in ("straight", "halves"):
         assert load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")["global_step"] == 30
     first = load_checkpoint(straight / "checkpoints" / "last.ckpt")["state_dict"]
