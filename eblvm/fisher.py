@@ -35,7 +35,7 @@ from eblvm.atomic import write_json
 from eblvm.errors import ConfigError, require, require_choice, require_count
 from eblvm.models.base import EnergyModel
 from eblvm.models.grbm import GRBM
-from eblvm.objectives.estimators import VaESScore, frozen_energy
+from eblvm.objectives.estimators import VaESScore, fit_posterior
 from eblvm.objectives.lower import ELBO
 from eblvm.posteriors.base import BoundPosterior, Posterior
 
@@ -144,13 +144,8 @@ class _Scores:
 
     def fit_posterior(self, v: torch.Tensor, generator: torch.Generator) -> None:
         """``n_lower_steps`` ELBO steps of q on rows ``v`` with the model held fixed."""
-        if self.score != "vaes":
-            return
-        energy, q, elbo = frozen_energy(self.model), BoundPosterior(self.posterior), ELBO()
-        for _ in range(self.settings.n_lower_steps):
-            self.optimizer.zero_grad(set_to_none=True)
-            elbo(energy, q, v, generator).mean().backward()
-            self.optimizer.step()
+        if self.score == "vaes":
+            fit_posterior(ELBO(), self.model, self.posterior, self.optimizer, v, generator, self.settings.n_lower_steps)
 
 
 def estimate_fisher(

@@ -11,7 +11,7 @@ import torch
 
 from eblvm.bilevel.unroll import unroll
 from eblvm.models.base import EnergyModel
-from eblvm.objectives.estimators import frozen_energy
+from eblvm.objectives.estimators import fit_posterior
 from eblvm.objectives.score_matching import ScoreMatching
 from eblvm.posteriors.base import BoundPosterior, Posterior
 
@@ -58,12 +58,8 @@ def _adapted_posterior(objective, model, posterior, optimizer, v, n_lower_steps,
     q_optimizer = type(optimizer)(q_module.parameters(), **settings)
     # load_state_dict keeps the very tensors it is given: copy them, or these steps would move the real moments
     q_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    generator, frozen = torch.Generator(device=v.device).manual_seed(seed), frozen_energy(model)
-    for _ in range(n_lower_steps):
-        loss = objective.lower_loss(frozen, BoundPosterior(q_module), v, generator)
-        q_optimizer.zero_grad()
-        loss.backward()
-        q_optimizer.step()
+    generator = torch.Generator(device=v.device).manual_seed(seed)
+    fit_posterior(objective.lower_loss, model, q_module, q_optimizer, v, generator, n_lower_steps)
     return unroll(q_module, q_optimizer, lambda q_: objective.lower_loss(model, q_, v, generator), n_unroll)
 
 

@@ -40,6 +40,19 @@ def frozen_energy(model: EnergyModel) -> Energy:
     return lambda v, h: functional_call(model, detached, (v, h))
 
 
+def fit_posterior(
+    lower_loss: Callable, model: EnergyModel, posterior, optimizer, v: torch.Tensor, generator, n_steps: int
+) -> None:
+    """``n_steps`` steps of ``optimizer`` on q's ``lower_loss(energy, q, v, generator)`` at rows ``v`` with the
+    model held fixed (``frozen_energy``): the plain lower level, outside a training step."""
+    frozen, q = frozen_energy(model), BoundPosterior(posterior)
+    for _ in range(n_steps):
+        loss = lower_loss(frozen, q, v, generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
 class ScoreEstimator:
     """How the score in a score-matching loss is obtained; ``needs_posterior`` says whether it uses ``q``."""
 
