@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -19,6 +22,14 @@ def _run_quick(tmp_path, script: str, *arguments: str, timeout: int) -> str:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout
+
+
+def _import_script(script: str) -> ModuleType:
+    """An experiment script imported as a module (its ``main`` not run)."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _quick_study(tmp_path, *arguments: str) -> str:
@@ -57,14 +68,23 @@ def test_nk_study_quick_writes_table_and_gradient_bias_figure(tmp_path):
     assert len(list((tmp_path / "runs" / "quick").glob("grid*/K*_N*/summary.json"))) == 16
 
 
-def test_vages_grid_quick_writes_tables_and_figure(tmp_path):
+def test_vages_grid_quick_writes_tables_and_figure(tmp_path, monkeypatch):
     _run_quick(tmp_path, "experiments/nk_study/study.py", "--study", "vages", "--repeats", "3", timeout=900)
     table = (tmp_path / "results_vages_quick.md").read_text()
     grid_rows = [line for line in table.splitlines() if re.match(r"\| (1|2) \|", line)]
     assert len(grid_rows) == 6, "log-likelihood, gradient-bias and time grids over K = 1, 2"
     assert all(len(row.strip("|").split("|")) == 3 and "|  |" not in row for row in grid_rows)
     assert (tmp_path / "vages_grid_quick.png").stat().st_size > 10_000
-    assert len(list((tmp_path / "runs" / "quick").glob("vages_L*/L*_K*/summary.json"))) == 4
+    run_dirs = sorted((tmp_path / "runs" / "quick").glob("vages_L*/L*_K*"))
+    assert len([run for run in run_dirs if (run / "summary.json").is_file()]) == 4
+
+    # the bias grid's cells: each (L, K) with an objective of L particles and K lower steps
+    study = _import_script("experiments/nk_study/study.py")
+    cells = []
+    monkeypatch.setattr(study, "gradient_bias", lambda model, q, optimizer, objective, v, repeats, n_lower_steps: (
+        cells.append((objective.estimator.n_particles, n_lower_steps, repeats))))  # fmt: skip
+    study.vages_bias_grid(run_dirs[0], (2, 3, 5), (1, 4), repeats=7)
+    assert cells == [(2, 1, 7), (2, 4, 7), (3, 1, 7), (3, 4, 7), (5, 1, 7), (5, 4, 7)]
 
 
 def test_fisher_benchmark_quick_writes_table_and_figure(tmp_path):
