@@ -238,6 +238,18 @@ def test_ksd_leaves_an_odd_batchs_last_row_out(float64):
     assert residual.shape == (11, 3) and not residual[5:].any() and residual[:5].abs().min() > 0
 
 
+def test_a_vages_ksd_step_computes_the_kernel_terms_once(monkeypatch):
+    """The residual and the reported value share one perturbation's kernel terms (with the median bandwidth, a
+    cdist and a quantile each time)."""
+    model, loss = random_grbm(3, 4, seed=8), KernelStein(bandwidth="median")
+    calls = []
+    kernel_pairs = KernelStein.kernel_pairs
+    monkeypatch.setattr(KernelStein, "kernel_pairs", lambda self, v: calls.append(v) or kernel_pairs(self, v))
+    q = BoundPosterior(ExactGRBMPosterior(model, sample="binary"))
+    VaGESScore(n_particles=2).higher_loss(model, q, loss, torch.randn(10, 3), torch.Generator().manual_seed(3))
+    assert len(calls) == 1
+
+
 def test_ksd_median_bandwidth_is_the_median_distance():
     v = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [1.0, 0.0]])
     # distances: 3, 4, 1, 5, 2, 4.12…; the median of six is the mean of the middle two, 3 and 4

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,8 @@ class Perturbation:
     inputs: torch.Tensor
     noise: torch.Tensor | None = None
     sigma: torch.Tensor | None = None
+    # what a loss derives from the inputs alone, kept so that it is computed once per perturbation (KSD's kernel)
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _with_grad(v: torch.Tensor) -> torch.Tensor:
@@ -278,16 +280,24 @@ class KernelStein(ScoreLoss):
         """``z_i = k(x_i, x'_i) s(x_i) + ∇_x k(x_i, x'_i)`` per pair (``(..., n, d)``), detached."""
         return (pairs.kernel[..., None] * self.halves(score)[0] + pairs.grad_x).detach()
 
+    def pairs_of(self, perturbation: Perturbation) -> KernelPairs:
+        """``kernel_pairs`` of the perturbation's inputs, computed once per perturbation: the residual and the
+        loss's value at the same inputs share them."""
+        key = ("kernel_pairs", self.bandwidth)
+        if key not in perturbation.derived:
+            perturbation.derived[key] = self.kernel_pairs(perturbation.inputs)
+        return perturbation.derived[key]
+
     def residual(self, score: torch.Tensor, perturbation: Perturbation) -> torch.Tensor:
         """``2z`` on the rows ``x'`` (the mean runs over ``n ≈ B/2`` pairs, not B rows) and 0 on the others."""
-        z = self.one_sided(score, self.kernel_pairs(perturbation.inputs))
+        z = self.one_sided(score, self.pairs_of(perturbation))
         rows = torch.zeros_like(score)
         rows[..., : z.shape[-2], :] = z * (score.shape[-2] / z.shape[-2])
         return rows
 
     def at(self, score_fn: ScoreFn, perturbation: Perturbation) -> torch.Tensor:
         v = perturbation.inputs
-        pairs = self.kernel_pairs(v)
+        pairs = self.pairs_of(perturbation)
         score = score_fn(_with_grad(v))
         if score.dim() > v.dim():  # one score per posterior particle: their mean
             score = score.mean(0)
