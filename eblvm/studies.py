@@ -114,19 +114,22 @@ def load_model(run_dir: str | Path, checkpoint: str = "best.ckpt") -> EnergyMode
     return rebuild(Path(run_dir) / "checkpoints" / checkpoint).model
 
 
-def provenance(command: str, seconds: float | None, summed_training_seconds: float | None = None) -> str:
-    """A markdown paragraph: the command, the commit, the machine and the run time: the wall-clock ``seconds``, or,
-    where none were timed (a table rebuilt from finished runs), the runs' training time summed."""
+def code_version() -> str:
+    """The checked-out commit, and whether tracked files differ from it: taken when a study or benchmark starts,
+    so that its results name the code that produced them even if commits land while it runs."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+    return f"`{commit.stdout.strip() or 'unknown'}`" + (" (with uncommitted changes)" if dirty.stdout else "")
+
+
+def provenance(command: str, version: str, seconds: float | None, summed_training_seconds: float | None = None) -> str:
+    """A markdown paragraph: the command, the code's ``version`` (``code_version()`` at the start), the machine and
+    the run time: the wall-clock ``seconds``, or, where none were timed (a table rebuilt from finished runs), the
+    runs' training time summed."""
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return (
-        f"- command: `{command}`\n- commit: `{commit.stdout.strip() or 'unknown'}`"
-        f"{' (with uncommitted changes)' if dirty.stdout else ''}\n- machine: {machine}{gpu}\n"
-        + (
-            f"- wall-clock time: {seconds / 60:.1f} min\n"
-            if seconds is not None
-            else f"- training time, summed over runs: {summed_training_seconds / 60:.1f} min\n"
-        )
+    return f"- command: `{command}`\n- commit: {version}\n- machine: {machine}{gpu}\n" + (
+        f"- wall-clock time: {seconds / 60:.1f} min\n"
+        if seconds is not None
+        else f"- training time, summed over runs: {summed_training_seconds / 60:.1f} min\n"
     )

@@ -38,7 +38,7 @@ from eblvm.assemble import instantiate_node  # noqa: E402
 from eblvm.atomic import write_text  # noqa: E402
 from eblvm.checkpoints import load_checkpoint  # noqa: E402
 from eblvm.evaluation.plots import plot_density_grid, save_figure  # noqa: E402
-from eblvm.studies import Method, collect, launch_ensembles, load_model, provenance  # noqa: E402
+from eblvm.studies import Method, code_version, collect, launch_ensembles, load_model, provenance  # noqa: E402
 
 BISM_METHODS = (
     Method("BiDSM N=0", ("experiment=checkerboard_bidsm", "objective.n_unroll=0")),
@@ -131,7 +131,7 @@ def _table_methods(study: Study) -> list[Method]:
     return [m for m in BISM_METHODS if m.name in study.shared] + list(study.methods)
 
 
-def aggregate(study: Study, setting: str, out: Path, command: str, seconds: float | None) -> Path:
+def aggregate(study: Study, setting: str, out: Path, command: str, version: str, seconds: float | None) -> Path:
     """Write the study's results table, density grid and (where it compares one) curve figure from the finished
     runs under ``out/runs/<setting>``."""
     runs_dir = out / "runs" / setting
@@ -175,7 +175,7 @@ def aggregate(study: Study, setting: str, out: Path, command: str, seconds: floa
         + "\n".join(rows)
         + "\n\n"
         + curve_section
-        + provenance(command, seconds, total_seconds)
+        + provenance(command, version, seconds, total_seconds)
         + "".join(f"- excluded (tested an earlier best checkpoint, not the final weights): `{r}`\n" for r in excluded)
         + "".join(f"- not in the table (no finished runs under `runs/{setting}`): {name}\n" for name in missing)
         + (f"\n![learned densities]({figure.name})\n" if figure else ""),
@@ -269,14 +269,14 @@ def main() -> None:
     unknown = set(args.methods or ()) - {m.name for m in study.methods}
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {[m.name for m in study.methods]}")
-    seconds = None
+    seconds, version = None, code_version()
     if not args.aggregate_only:
         seeds = study.seeds[args.setting]
         print(f"checkerboard study ({study.paper}), {args.setting}: {len(methods)} methods x {len(seeds)} seeds")
         named = [Method(directory_name(m), m.overrides) for m in methods]
         seconds = launch_ensembles(named, SETTINGS[args.setting] + ALWAYS, seeds, runs_dir, args.jobs)
     command = "python experiments/checkerboard/study.py " + " ".join(sys.argv[1:])
-    print(f"wrote {aggregate(study, args.setting, args.out, command.strip(), seconds)}")
+    print(f"wrote {aggregate(study, args.setting, args.out, command.strip(), version, seconds)}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from eblvm.fisher import (  # noqa: E402
     true_fisher_to_standard_normal,
 )
 from eblvm.posteriors import RelaxedBernoulliPosterior  # noqa: E402
-from eblvm.studies import provenance, threads_per_job  # noqa: E402
+from eblvm.studies import code_version, provenance, threads_per_job  # noqa: E402
 
 LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 SETTINGS = {
@@ -127,7 +127,7 @@ def main() -> None:
     settings = FisherSettings(
         steps=setting["steps"], seed=args.seed, lr=args.lr, schedule=args.schedule, critic_width=args.critic_width
     )
-    start, results = time.perf_counter(), []
+    start, results, version = time.perf_counter(), [], code_version()
     print(f"{len(cases)} estimates, {args.jobs} side by side, {setting['steps']} critic steps each", flush=True)
     print(f"{'d':>4} {'p':>4} {'score':>6} {'estimate':>22} {'true':>22} {'pass':>5} {'seconds':>8}")
     # fresh processes (spawn), not forks of this one
@@ -178,7 +178,7 @@ def main() -> None:
             for r in results
         ),  # fmt: skip
         "",
-        provenance(command.strip(), time.perf_counter() - start),
+        provenance(command.strip(), version, time.perf_counter() - start),
         f"\n![estimated against true]({figure.name})\n",
     ]
     results_file = args.out / f"results{suffix}.md"

@@ -39,7 +39,7 @@ from eblvm.assemble import instantiate_node, rebuild  # noqa: E402
 from eblvm.atomic import write_text  # noqa: E402
 from eblvm.evaluation.plots import save_figure  # noqa: E402
 from eblvm.evaluation.posterior import gradient_bias  # noqa: E402
-from eblvm.studies import ROOT, Method, collect, launch, provenance  # noqa: E402
+from eblvm.studies import ROOT, Method, code_version, collect, launch, provenance  # noqa: E402
 
 COUNTS = (0, 1, 5, 10)
 LOG_LIKELIHOOD = [metric for metric in METRICS if metric[0] == "test/log_likelihood"]  # with its AIS stderr
@@ -265,7 +265,7 @@ def main() -> None:
     parser.add_argument("--aggregate-only", action="store_true")
     args = parser.parse_args()
     runs_dir = args.out / "runs" / args.setting
-    seconds = None
+    seconds, version = None, code_version()
     if not args.aggregate_only:
         common = (*SETTINGS[args.setting], "logger=csv", "callbacks.progress.refresh_rate=0")
         methods = grid_methods(args.jobs) if args.study == "bism" else vages_methods(args.setting, args.jobs)
@@ -278,7 +278,7 @@ def main() -> None:
     write_text(
         results,
         text
-        + provenance(command.strip(), seconds, sum(r["train_seconds"] for r in runs))
+        + provenance(command.strip(), version, seconds, sum(r["train_seconds"] for r in runs))
         + "".join(f"\n![{figure.stem}]({figure.name})\n" for figure in figures),
     )
     print(f"wrote {results} and {', '.join(map(str, figures))}")
