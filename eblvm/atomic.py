@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,10 @@ def replacing(path: str | Path) -> Iterator[Path]:
     error, the temporary file is flushed to disk and renamed over ``path``, and on an error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    # a name of its own for each writer (processes, ranks and hosts on a shared folder may write the same target)
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(descriptor)
+    partial = Path(name)
     try:
         yield partial
         with open(partial, "rb") as file:

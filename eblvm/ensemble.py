@@ -41,9 +41,10 @@ from eblvm.members import member_slice, stack, stack_parameters
 from eblvm.run import (
     _lightning_callbacks,
     checked_start,
+    is_wandb,
     summarize,
     training_only_metrics,
-    wandb_run_id,
+    wandb_logger,
     write_config,
 )
 
@@ -303,7 +304,7 @@ def _loggers(
     ensemble's run name), which keeps its id when the ensemble resumes in its own directory ``out``."""
     csv_loggers, member_loggers = [], [[] for _ in configs]
     for name, node in (cfg.logger or {}).items():
-        if get_object(node._target_) is not pl.loggers.WandbLogger:
+        if not is_wandb(node):
             csv_loggers.append(instantiate_node(f"logger.{name}", node))
             continue
         for member, config in enumerate(configs):
@@ -312,10 +313,10 @@ def _loggers(
                 {**OmegaConf.to_container(node, resolve=True), "group": cfg.run_name, "reinit": "create_new"}
             )
             member_dir = Path(config.paths.output_dir)
-            run_id = wandb_run_id(member_dir, out, resume_from)
-            logger = instantiate_node(
-                f"logger.{name}", member_node, name=config.run_name, save_dir=str(member_dir), id=run_id, resume="allow"
-            )
+            logger = wandb_logger(
+                f"logger.{name}", member_node, member_dir, out, resume_from,
+                name=config.run_name, save_dir=str(member_dir),
+            )  # fmt: skip
             logger.log_hyperparams(OmegaConf.to_container(config))
             member_loggers[member].append(logger)
     return csv_loggers, member_loggers

@@ -15,6 +15,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+from eblvm.atomic import replacing
+
 
 class AppendingExperimentWriter(ExperimentWriter):
     """Lightning's metrics writer, with the columns of an existing ``metrics.csv`` taken as its header."""
@@ -27,6 +29,16 @@ class AppendingExperimentWriter(ExperimentWriter):
 
     def _check_log_dir_exists(self) -> None:
         """Keep an existing ``metrics.csv`` (Lightning deletes it here): new rows are appended to it."""
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        """A new column rewrites the whole file (Lightning truncates it first): written atomically here, so a run
+        stopped mid-rewrite keeps its earlier rows."""
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            rows = list(csv.DictReader(file))
+        with replacing(self.metrics_file_path) as partial, partial.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 class CSVLogger(pl.loggers.CSVLogger):

@@ -11,6 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import yaml
 from hydra.utils import get_object
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from eblvm.assemble import RunParts, assemble, check_run_settings, instantiate_node, saved_config
@@ -112,24 +113,35 @@ def wandb_run_id(log_dir: Path, out: Path, resume_from: Path | None) -> str:
     """The W&B run id of the run logged from ``log_dir`` (the run directory, or an ensemble member's), kept in
     ``<log_dir>/wandb_run_id``: a run resumed from a checkpoint inside its own run directory ``out`` reuses it, so
     the curves go on in the same W&B run; a new run, or one started from another run's checkpoint, gets a new one
-    (8 random lowercase hex characters, the form of W&B's own ids)."""
+    (8 random lowercase hex characters, the form of W&B's own ids). Only rank 0, whose W&B run is the one that
+    logs, writes the file: every DDP rank builds its loggers."""
     earlier = log_dir / WANDB_ID_FILE
     own_run = resume_from is not None and resume_from.resolve().is_relative_to(out.resolve())
     run_id = earlier.read_text().strip() if own_run and earlier.is_file() else secrets.token_hex(4)
-    write_text(earlier, run_id)
+    if rank_zero_only.rank == 0:
+        write_text(earlier, run_id)
     return run_id
+
+
+def is_wandb(node: DictConfig) -> bool:
+    """Whether a ``logger`` config node builds a W&B logger."""
+    return get_object(node._target_) is pl.loggers.WandbLogger
+
+
+def wandb_logger(key: str, node: DictConfig, log_dir: Path, out: Path, resume_from: Path | None, **kwargs):
+    """The W&B logger ``node`` builds for the run logged from ``log_dir``, under its kept id (``wandb_run_id``);
+    Lightning's logger resumes a W&B run of that id when one exists (``resume="allow"``)."""
+    return instantiate_node(key, node, id=wandb_run_id(log_dir, out, resume_from), **kwargs)
 
 
 def _instantiate_loggers(cfg: DictConfig, out: Path, resume_from: Path | None) -> list:
     """The configured loggers; a W&B run keeps its id across resumes (``wandb_run_id``)."""
-    loggers = []
-    for name, node in (cfg.logger or {}).items():
-        if get_object(node._target_) is not pl.loggers.WandbLogger:
-            loggers.append(instantiate_node(f"logger.{name}", node))
-            continue
-        run_id = wandb_run_id(out, out, resume_from)
-        loggers.append(instantiate_node(f"logger.{name}", node, id=run_id, resume="allow"))
-    return loggers
+    return [
+        wandb_logger(f"logger.{name}", node, out, out, resume_from)
+        if is_wandb(node)
+        else instantiate_node(f"logger.{name}", node)
+        for name, node in (cfg.logger or {}).items()
+    ]
 
 
 def _lightning_callbacks(cfg: DictConfig) -> list[pl.Callback]:

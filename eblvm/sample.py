@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from eblvm.assemble import WEIGHTS, rebuild
+from eblvm.atomic import replacing
 from eblvm.checkpoints import resolve_checkpoint
 from eblvm.errors import ConfigError
 from eblvm.evaluation.plots import save_image_grid
@@ -75,7 +76,8 @@ def sample(
     out = out or file.parent.parent / "samples" / file.stem
     out.mkdir(parents=True, exist_ok=True)
     save_image_grid(images[:100], out / "grid.png", nrow=math.ceil(math.sqrt(min(len(images), 100))))
-    np.savez_compressed(out / "samples.npz", samples=images.numpy().astype(np.float32))
+    with replacing(out / "samples.npz") as partial, partial.open("wb") as file:
+        np.savez_compressed(file, samples=images.numpy().astype(np.float32))
     if write_pngs:
         for index, image in enumerate(images):
             save_image_grid(image[None], out / f"{index:05d}.png", nrow=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 
@@ -13,6 +14,7 @@ import torch
 
 from eblvm.atomic import replacing, write_json, write_text
 from eblvm.evaluation.plots import save_figure, save_image_grid
+from eblvm.loggers import AppendingExperimentWriter
 
 
 def test_the_target_changes_only_when_the_block_ends(tmp_path):
@@ -58,6 +60,32 @@ def test_a_png_whose_write_fails_keeps_the_previous_one(tmp_path, monkeypatch, w
     monkeypatch.setattr(PIL.Image.Image, "save", _write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         writer(target)
-    plt.close("all")
     assert target.read_bytes() == previous
+    assert not plt.get_fignums(), "the figure is closed even when its write fails"
     assert [path.name for path in tmp_path.iterdir()] == ["samples.png"]
+
+
+def _metrics_with_a_new_column(tmp_path) -> AppendingExperimentWriter:
+    """A writer that has saved a row of ``train/loss`` and holds a row with the new column ``val/objective``."""
+    writer = AppendingExperimentWriter(log_dir=str(tmp_path))
+    writer.log_metrics({"train/loss": 1.0}, step=0)
+    writer.save()
+    writer.log_metrics({"val/objective": 2.0}, step=1)
+    return writer
+
+
+def test_a_new_column_rewrites_metrics_csv_with_every_row(tmp_path):
+    _metrics_with_a_new_column(tmp_path).save()
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [(row["train/loss"], row["val/objective"]) for row in rows] == [("1.0", ""), ("", "2.0")]
+
+
+def test_a_failed_rewrite_for_a_new_column_keeps_metrics_csv(tmp_path, monkeypatch):
+    """Lightning rewrites the whole file when a column appears; a failure while writing the new one keeps the rows."""
+    writer = _metrics_with_a_new_column(tmp_path)
+    before = (tmp_path / "metrics.csv").read_text()
+    monkeypatch.setattr(csv.DictWriter, "writerows", lambda self, rows: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        writer.save()
+    assert (tmp_path / "metrics.csv").read_text() == before
+    assert [path.name for path in tmp_path.iterdir()] == ["metrics.csv"]

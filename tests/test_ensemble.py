@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -214,11 +215,20 @@ def test_member_slice_keeps_shared_and_unborn_state():
     assert sliced["objective.noise_mean"] is state["objective.noise_mean"] and sliced["objective.chain"].numel() == 0
 
 
-def test_a_resumed_ensemble_equals_the_uninterrupted_one(tmp_path):
+def test_a_resumed_ensemble_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     """15 steps, then resumed from ``last.ckpt`` to 30, ends where 30 steps in one go do: the members' generators,
     shuffling positions, optimizer states and masks are all in the checkpoint. Each member's W&B run goes on under
     its own id."""
     overrides = FAST_RUN + ["ensemble.size=2", "objective=pcd", "evaluation.gradient_bias_repeats=0", "logger=wandb"]
+    wandb_runs = []  # (save_dir, id) of every W&B logger built
+    build_wandb_logger = pl.loggers.WandbLogger.__init__
+
+    @functools.wraps(build_wandb_logger)  # the same signature, so the builder passes it the same arguments
+    def recorded(self, *args, **kwargs):
+        wandb_runs.append((kwargs["save_dir"], kwargs["id"]))
+        build_wandb_logger(self, *args, **kwargs)
+
+    monkeypatch.setattr(pl.loggers.WandbLogger, "__init__", recorded)
     straight = tmp_path / "straight"
     run_ensemble(compose_train_config(straight, overrides + ["trainer.max_steps=30"]))
     halves = tmp_path / "halves"
@@ -227,6 +237,8 @@ def test_a_resumed_ensemble_equals_the_uninterrupted_one(tmp_path):
     resumed = overrides + ["trainer.max_steps=30", f"ckpt_path={halves / 'checkpoints' / 'last.ckpt'}"]
     run_ensemble(compose_train_config(halves, resumed))
     assert [(halves / "members" / str(member) / WANDB_ID_FILE).read_text() for member in range(2)] == member_ids
+    member_dirs = [str(halves / "members" / str(member)) for member in range(2)]
+    assert wandb_runs[-4:] == list(zip(member_dirs * 2, member_ids * 2, strict=True)), "both halves, the same runs"
     straight_ids = [(straight / "members" / str(member) / WANDB_ID_FILE).read_text() for member in range(2)]
     assert len({*member_ids, *straight_ids}) == 4, "each member of each ensemble is a W&B run of its own"
     for name in ("straight", "halves"):

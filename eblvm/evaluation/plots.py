@@ -121,8 +121,10 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int | None = None, u
 def save_figure(fig: plt.Figure, path: Path) -> Path:
     """Write ``fig`` to ``path`` (its folder created, atomically) as a 100-dpi PNG and close it."""
     path = Path(path)
-    fig.tight_layout()
-    with replacing(path) as partial:
-        fig.savefig(partial, dpi=100, format="png")
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with replacing(path) as partial:
+            fig.savefig(partial, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
