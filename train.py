@@ -62,9 +62,7 @@ def main(cfg: DictConfig) -> float | None:
             sys.modules["wandb"].finish()
     outcome = _outcome(error, cfg)
     if rank_zero_only.rank == 0:  # DDP launched as processes: every rank runs this, one writes
-        out = Path(cfg.paths.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "outcome.json", outcome)
+        write_json(Path(cfg.paths.output_dir) / "outcome.json", outcome)
     if error is not None:
         log.error(outcome["message"])
         if not multirun:

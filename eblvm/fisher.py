@@ -110,7 +110,7 @@ def _per_row_mean(values: torch.Tensor) -> FisherEstimate:
 
 
 class _Scores:
-    """The model's score at rows ``v``, detached: exact, or VaES through q (which ``fit_posterior`` trains)."""
+    """The model's score at rows ``v``, detached: exact, or VaES through q (which ``step_posterior`` trains)."""
 
     def __init__(self, model: EnergyModel, score: str, posterior: Posterior | None, settings: FisherSettings):
         require_choice("--score", score, SCORES)
@@ -142,7 +142,7 @@ class _Scores:
         if state is not None:
             self.posterior.load_state_dict(state)
 
-    def fit_posterior(self, v: torch.Tensor, generator: torch.Generator) -> None:
+    def step_posterior(self, v: torch.Tensor, generator: torch.Generator) -> None:
         """``n_lower_steps`` ELBO steps of q on rows ``v`` with the model held fixed."""
         if self.score == "vaes":
             fit_posterior(ELBO(), self.model, self.posterior, self.optimizer, v, generator, self.settings.n_lower_steps)
@@ -164,14 +164,24 @@ def estimate_fisher(
     critic, or with ``val`` rows for the critic (and q) whose validation objective was highest. The model's
     parameters are not changed.
 
-    ``data_score`` is a diagnostic for benchmarks whose data score ``s_d`` is known: the critic is then fitted by
-    regression onto the optimal critic, minimising ``½‖f(v) − (s_θ(v) − s_d(v))‖²``, instead of through the bound,
-    and is checked and reported through the bound as before. Its estimate is what this critic, data and training
-    reach without the bound's trace term, so the gap between the two separates the critic's fit from the
-    estimator's noise."""
+    ``data_score`` is a diagnostic for benchmarks whose data score ``s_d`` is known (exact score only): the critic
+    is then fitted by regression onto the optimal critic, minimising ``½‖f(v) − (s_θ(v) − s_d(v))‖²``, instead of
+    through the bound, and is checked and reported through the bound as before. Both objectives have the same
+    expectation up to a constant; regression is without the noise of the trace estimate, so comparing the two
+    estimates separates the critic's fit from that noise."""
     for rows in (train, test) if val is None else (train, val, test):
         same_width = rows.dim() == train.dim() == 2 and rows.shape[-1] == train.shape[-1]
         require(same_width, "data", tuple(rows.shape), f"rows (n, d) with the training rows' d = {train.shape[-1]}")
+    if data_score is not None:
+        # with VaES the target would carry q's error and VaES's noise, not the optimal critic
+        require(score == "exact", "--fit", "regression", f"needs the exact score, not {score!r}")
+        probe_rows = train[:2]
+        require(
+            data_score(probe_rows).shape == probe_rows.shape,
+            "data_score",
+            tuple(data_score(probe_rows).shape),
+            f"must return one score per row, of the rows' shape {tuple(probe_rows.shape)}",
+        )
     scores = _Scores(model, score, posterior, settings)
     # training, validation and test each draw from their own stream, so checking leaves the training path unchanged
     generator, val_generator, test_generator = (
@@ -200,7 +210,7 @@ def estimate_fisher(
             order, position = torch.randperm(len(train), generator=generator, device=train.device), 0
         v = train[order[position : position + settings.batch_size]]
         position += settings.batch_size
-        scores.fit_posterior(v, generator)
+        scores.step_posterior(v, generator)
         if data_score is None:
             objective = _bound(critic, scores, v, generator).mean()
         else:
@@ -235,6 +245,28 @@ def _evaluate(
 def _bound(critic: nn.Module, scores: _Scores, v: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``critic_values`` at rows ``v`` with the model's scores there and a fresh Rademacher probe."""
     return critic_values(critic, scores(v, generator), v, noise.signs(v.shape, generator, v))
+
+
+@dataclass(frozen=True)
+class BenchmarkCase:
+    """One case of the perturbed-GRBM benchmark: N(0, I_d) rows split 80/10/10 and the GRBM at one level."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    model: GRBM
+
+
+def benchmark_case(dim: int, level: float, n_rows: int = 20000, seed: int = 0) -> BenchmarkCase:
+    """The benchmark's data and model (docs/methods.md §4.3): ``n_rows`` draws of N(0, I_dim) (the VaGES paper's
+    20,000, split 16k/2k/2k), then ``perturbed_grbm`` from the same generator, its parameters frozen."""
+    generator = torch.Generator().manual_seed(seed)
+    data = torch.randn(n_rows, dim, generator=generator)
+    n_train, n_val = int(0.8 * n_rows), int(0.1 * n_rows)
+    model = perturbed_grbm(dim, level, generator)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return BenchmarkCase(data[:n_train], data[n_train : n_train + n_val], data[n_train + n_val :], model)
 
 
 def perturbed_grbm(dim: int, level: float, generator: torch.Generator) -> GRBM:
@@ -280,7 +312,6 @@ def main() -> None:
         f"the critic of step {estimate.critic_step}, best on the validation split)"
     )
     out = args.out or trained.path.parent.parent / "evaluation"
-    out.mkdir(parents=True, exist_ok=True)
     record = {**asdict(estimate), "score": args.score, "checkpoint": str(trained.path), "settings": asdict(settings)}
     write_json(out / f"fisher_{args.score}.json", record)
     print(f"wrote {out / f'fisher_{args.score}.json'}")

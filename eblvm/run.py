@@ -102,7 +102,6 @@ def check_resume(cfg: DictConfig, resume_from: Path, out: Path) -> None:
             "saved settings, or start a new run",
         )
     if changes:
-        out.mkdir(parents=True, exist_ok=True)
         history_file = out / RESUME_CHANGES_FILE
         history = (yaml.safe_load(history_file.read_text()) or []) if history_file.is_file() else []
         history.append({"resumed_from": str(resume_from), "changes": changes})
@@ -213,7 +212,6 @@ def checked_start(cfg: DictConfig) -> tuple[Path, Path | None]:
 
 def write_config(cfg: DictConfig, out: Path) -> None:
     """``<out>/config.yaml``: the resolved config of the run that writes ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from eblvm.aggregate import read_summary
 from eblvm.assemble import rebuild
+from eblvm.errors import require
 from eblvm.models.base import EnergyModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,15 +35,20 @@ def threads_per_job(jobs: int) -> int:
     """The threads each of ``jobs`` side-by-side jobs uses: ``OMP_NUM_THREADS`` when it is set (several studies
     sharing the machine), else ``cores / jobs``; small models gain nothing from more, and jobs side by side must
     not oversubscribe the cores."""
-    return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // jobs))
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if not configured:
+        return max(1, (os.cpu_count() or 1) // jobs)
+    outer = configured.split(",")[0]  # a nested setting "4,2" gives the outer level's threads
+    require(outer.isdigit() and int(outer) >= 1, "OMP_NUM_THREADS", configured, "must be a thread count >= 1")
+    return int(outer)
 
 
 def _run_all(commands: dict[str, tuple[list[str], Path]], jobs: int) -> float:
     """Run each named ``train.py`` command (its output folder beside it), ``jobs`` side by side, each with
-    ``cores / jobs`` threads; a failure is reported with its log file and stops the study. Returns the wall-clock
-    seconds."""
+    ``threads_per_job(jobs)`` threads; a failure is reported with its log file and stops the study. Returns the
+    wall-clock seconds."""
     start = time.perf_counter()
-    env = {"OMP_NUM_THREADS": str(threads_per_job(jobs)), **os.environ}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_job(jobs))}
 
     def run_one(name: str) -> None:
         command, out = commands[name]
@@ -116,7 +122,8 @@ def load_model(run_dir: str | Path, checkpoint: str = "best.ckpt") -> EnergyMode
 
 def code_version() -> str:
     """The checked-out commit, and whether tracked files differ from it: taken when a study or benchmark starts,
-    so that its results name the code that produced them even if commits land while it runs."""
+    so that its results name the code that ran its command even if commits land while it runs (for a table
+    rebuilt from finished runs, that is the code that rebuilt it; each run's config records its own)."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
     return f"`{commit.stdout.strip() or 'unknown'}`" + (" (with uncommitted changes)" if dirty.stdout else "")

@@ -78,13 +78,29 @@ def test_vages_grid_quick_writes_tables_and_figure(tmp_path, monkeypatch):
     run_dirs = sorted((tmp_path / "runs" / "quick").glob("vages_L*/L*_K*"))
     assert len([run for run in run_dirs if (run / "summary.json").is_file()]) == 4
 
-    # the bias grid's cells: each (L, K) with an objective of L particles and K lower steps
+    # the bias grid's cells: each (L, K) with an objective of L particles, restarted for K lower steps
     study = _import_script("experiments/nk_study/study.py")
     cells = []
     monkeypatch.setattr(study, "gradient_bias", lambda model, q, optimizer, objective, v, repeats, n_lower_steps: (
         cells.append((objective.estimator.n_particles, n_lower_steps, repeats))))  # fmt: skip
     study.vages_bias_grid(run_dirs[0], (2, 3, 5), (1, 4), repeats=7)
     assert cells == [(2, 1, 7), (2, 4, 7), (3, 1, 7), (3, 4, 7), (5, 1, 7), (5, 4, 7)]
+
+
+def test_fisher_benchmark_runs_with_other_options_write_files_of_their_own():
+    benchmark = _import_script("experiments/fisher_estimation/benchmark.py")
+    names = {
+        (): "",
+        ("--scores", "vaes", "exact"): "",
+        ("--scores", "exact"): "_exact",
+        ("--scores", "exact", "--fit", "regression"): "_exact_regression",
+        ("--setting", "quick", "--dims", "500", "--levels", "0.2", "1.0"): "_quick_d500_p0.2-1",
+        ("--lr", "1e-3", "--schedule", "cosine", "--critic-width", "400", "--seed", "2"): "_lr0.001_cosine_w400_seed2",
+    }
+    for arguments, suffix in names.items():
+        assert benchmark.results_suffix(benchmark.parse_arguments(list(arguments))) == suffix, arguments
+    with pytest.raises(SystemExit):
+        benchmark.parse_arguments(["--fit", "regression"])  # both scores: VaES cannot be regressed
 
 
 def test_fisher_benchmark_quick_writes_table_and_figure(tmp_path):

@@ -15,6 +15,7 @@ from eblvm.errors import ConfigError
 from eblvm.fisher import (
     Critic,
     FisherSettings,
+    benchmark_case,
     critic_values,
     estimate_fisher,
     perturbed_grbm,
@@ -50,11 +51,9 @@ def test_the_optimal_critic_reaches_the_exact_divergence_on_the_benchmarks_test_
     """The benchmark's data and GRBM (d = 200, seed 0): with the optimal critic f* = s_θ − s_d = s_θ + v, the bound's
     mean over the 2000 test rows (Hutchinson trace, one probe per row) is the exact divergence within 2 standard
     errors of the difference; so any gap of a trained critic is the critic's, not the bound's evaluation."""
-    generator = torch.Generator().manual_seed(0)
-    test = torch.randn(20000, 200, generator=generator)[18000:]
-    model = perturbed_grbm(200, level, generator)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    case = benchmark_case(200, level)
+    model, test = case.model, case.test
+    assert test.shape == (2000, 200)
     scores = model.score(test).detach()
     probe = noise.signs(test.shape, torch.Generator().manual_seed(5), test)
     bound = critic_values(lambda v: model.score(v) + v, scores, test, probe).detach()
@@ -156,6 +155,12 @@ def test_bad_pairings_are_refused_with_the_key():
         FisherSettings(critic_width=0)
     with pytest.raises(ConfigError, match=r"data=\(10, 3\).*d = 2"):
         estimate_fisher(perturbed_grbm(2, 0.1, torch.Generator()), data[:, :2], data[:, :2], val=data[:, :3])
+    grbm, rows = perturbed_grbm(2, 0.1, torch.Generator()), data[:, :2]
+    q = RelaxedBernoulliPosterior(2, 2, temperature=0.1)
+    with pytest.raises(ConfigError, match="--fit='regression'.*needs the exact score, not 'vaes'"):
+        estimate_fisher(grbm, rows, rows, "vaes", q, data_score=lambda v: -v)
+    with pytest.raises(ConfigError, match=r"data_score=\(2,\).*one score per row"):
+        estimate_fisher(grbm, rows, rows, data_score=lambda v: -v.sum(-1))
 
 
 def test_the_command_estimates_a_trained_runs_divergence(tmp_path, monkeypatch, capsys):

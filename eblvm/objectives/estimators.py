@@ -41,10 +41,17 @@ def frozen_energy(model: EnergyModel) -> Energy:
 
 
 def fit_posterior(
-    lower_loss: Callable, model: EnergyModel, posterior, optimizer, v: torch.Tensor, generator, n_steps: int
+    lower_loss: Callable,
+    model: EnergyModel,
+    posterior: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    v: torch.Tensor,
+    generator: torch.Generator,
+    n_steps: int,
 ) -> None:
-    """``n_steps`` steps of ``optimizer`` on q's ``lower_loss(energy, q, v, generator)`` at rows ``v`` with the
-    model held fixed (``frozen_energy``): the plain lower level, outside a training step."""
+    """``n_steps`` steps of ``optimizer`` on q's ``lower_loss(energy, q, v, generator)`` (averaged over rows when
+    it is per row) at rows ``v`` with the model held fixed (``frozen_energy``): the plain lower level, outside a
+    training step."""
     frozen, q = frozen_energy(model), BoundPosterior(posterior)
     for _ in range(n_steps):
         loss = lower_loss(frozen, q, v, generator).mean()

@@ -4,14 +4,16 @@
     python experiments/fisher_estimation/benchmark.py --dims 200 500   # the paper's two dimensions
     python experiments/fisher_estimation/benchmark.py --setting quick  # the pipeline in seconds (d = 10, 300 steps)
     python experiments/fisher_estimation/benchmark.py --scores vaes --levels 0 0.4  # some levels only
+    python experiments/fisher_estimation/benchmark.py --scores exact --fit regression  # the critic's own limit
 
 Data: 20,000 draws of N(0, I_d), split 16k/2k/2k (train/val/test: the critic reported is the one with the best
 validation objective, checked every 500 steps from its start at f = 0). For each perturbation level p, a GRBM with
 v_dim = h_dim = d, σ = 1 and W, b, c = p·N(0, 1) (at p = 0 it is the data distribution); its true Fisher divergence
 from the data is ``½ mean_test ‖−v − s_θ(v)‖²``. The critic is trained with the exact score and with VaES through a
 relaxed-Bernoulli q (linear logits, temperature 0.1, L = 1, 5 ELBO steps per critic step). A level passes when
-|estimate − truth| ≤ 2 standard errors + 5 % of the truth. Writes results.md (results_<setting>.md) and
-fisher_estimation.png beside this file.
+|estimate − truth| ≤ 2 standard errors + 5 % of the truth. Writes results.md and fisher_estimation.png beside
+this file; a run with other options adds them to both names (``--scores exact --fit regression`` writes
+results_exact_regression.md).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from eblvm.evaluation.plots import save_figure  # noqa: E402
 from eblvm.fisher import (  # noqa: E402
     SCHEDULES,
     FisherSettings,
+    benchmark_case,
     estimate_fisher,
-    perturbed_grbm,
     true_fisher_to_standard_normal,
 )
 from eblvm.posteriors import RelaxedBernoulliPosterior  # noqa: E402
@@ -61,26 +63,36 @@ def run(dim: int, level: float, score: str, n_rows: int, settings: FisherSetting
         progress: bool):  # fmt: skip
     """One estimate with ``threads`` threads: (estimate, truth, seconds). ``fit="regression"`` fits the critic
     onto the optimal critic ``s_θ + v`` (the data's score is ``−v``) instead of through the bound."""
-    seed = settings.seed
     torch.set_num_threads(threads)
-    generator = torch.Generator().manual_seed(seed)
-    data = torch.randn(n_rows, dim, generator=generator)
-    n_train, n_val = int(0.8 * n_rows), int(0.1 * n_rows)
-    train, val, test = data[:n_train], data[n_train : n_train + n_val], data[n_train + n_val :]
-    model = perturbed_grbm(dim, level, generator)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    torch.manual_seed(seed)
+    case = benchmark_case(dim, level, n_rows, settings.seed)
+    torch.manual_seed(settings.seed)
     posterior = RelaxedBernoulliPosterior(dim, dim, temperature=0.1, net="linear") if score == "vaes" else None
     start = time.perf_counter()
     data_score = (lambda v: -v) if fit == "regression" else None
     estimate = estimate_fisher(
-        model, train, test, score, posterior, settings, progress=progress, val=val, data_score=data_score
+        case.model, case.train, case.test, score, posterior, settings, progress, case.val, data_score
     )
-    return estimate, true_fisher_to_standard_normal(model, test), time.perf_counter() - start
+    return estimate, true_fisher_to_standard_normal(case.model, case.test), time.perf_counter() - start
 
 
-def plot(results: list[dict], path: Path) -> Path:
+def results_suffix(args: argparse.Namespace) -> str:
+    """What the file names add after ``results``/``fisher_estimation``: every option that differs from the default
+    run, so that no run writes over another's results (``results.md`` is the default run's)."""
+    parts = [
+        args.setting if args.setting != "default" else "",
+        "-".join(sorted(args.scores)) if set(args.scores) != set(SCORES) else "",
+        args.fit if args.fit != "bound" else "",
+        "d" + "-".join(map(str, args.dims)) if args.dims else "",
+        "p" + "-".join(f"{level:g}" for level in args.levels) if args.levels else "",
+        f"lr{args.lr:g}" if args.lr != FisherSettings.lr else "",
+        args.schedule if args.schedule != FisherSettings.schedule else "",
+        f"w{args.critic_width}" if args.critic_width else "",
+        f"seed{args.seed}" if args.seed != FisherSettings.seed else "",
+    ]
+    return "".join(f"_{part}" for part in parts if part)
+
+
+def plot(results: list[dict], path: Path, fit: str) -> Path:
     dims = sorted({row["dim"] for row in results})
     fig, axes = plt.subplots(1, len(dims), figsize=(5.5 * len(dims), 4.2), squeeze=False)
     for ax, dim in zip(axes[0], dims, strict=True):
@@ -93,13 +105,14 @@ def plot(results: list[dict], path: Path) -> Path:
             if ours:
                 ax.errorbar([r["level"] for r in ours], [r["estimate"].value for r in ours],
                             [2 * r["estimate"].stderr for r in ours], fmt=style, capsize=3,
-                            label=f"estimated ({'exact score' if score == 'exact' else 'VaES'})")  # fmt: skip
+                            label=f"estimated ({'exact score' if score == 'exact' else 'VaES'}"
+                                  f"{', critic by regression onto f*' if fit == 'regression' else ''})")  # fmt: skip
         ax.set(xlabel="perturbation p", ylabel="Fisher divergence", title=f"GRBM, d = {dim}", yscale="symlog")
         ax.legend()
     return save_figure(fig, path)
 
 
-def main() -> None:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=SETTINGS, default="default")
     parser.add_argument("--dims", type=int, nargs="+", help="dimensions (default 200; quick: 10)")
@@ -114,11 +127,18 @@ def main() -> None:
         choices=FITS,
         default="bound",
         help="how the critic is trained: through the bound (the estimator), or by regression onto the optimal "
-        "critic, which the benchmark knows (a diagnostic of how well this critic can be learned)",
+        "critic, which the benchmark knows (a diagnostic of how well this critic can be learned; exact score only)",
     )
     parser.add_argument("--jobs", type=int, default=2, help="estimates computed side by side (default 2)")
     parser.add_argument("--out", type=Path, default=HERE)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.fit == "regression" and "vaes" in args.scores:
+        parser.error("--fit regression needs the exact score: add --scores exact")
+    return args
+
+
+def main() -> None:
+    args = parse_arguments()
     setting = SETTINGS[args.setting]
     dims = args.dims or ([10] if args.setting == "quick" else [200])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -147,13 +167,8 @@ def main() -> None:
                   f"{truth.value:>12.3f} ± {truth.stderr:<7.3f} {'yes' if ok else 'NO':>5} {seconds:>8.1f}",
                   flush=True)  # fmt: skip
     results.sort(key=lambda r: (r["dim"], r["level"], r["score"]))
-    # results.md is the default run; a setting, a chosen score or a regression fit gets its own files
-    suffix = "".join(
-        f"_{part}"
-        for part, default in ((args.setting, "default"), ("_".join(args.scores), "_".join(SCORES)), (args.fit, "bound"))
-        if part != default
-    )
-    figure = plot(results, args.out / f"fisher_estimation{suffix}.png")
+    suffix = results_suffix(args)
+    figure = plot(results, args.out / f"fisher_estimation{suffix}.png", args.fit)
     command = "python experiments/fisher_estimation/benchmark.py " + " ".join(sys.argv[1:])
     lines = [
         f"# Fisher-divergence estimation on the perturbed GRBM ({args.setting})\n",
