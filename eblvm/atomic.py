@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,10 +22,9 @@ def replacing(path: str | Path) -> Iterator[Path]:
     error, the temporary file is flushed to disk and renamed over ``path``, and on an error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a name of its own for each writer (processes, ranks and hosts on a shared folder may write the same target)
-    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(descriptor)
-    partial = Path(name)
+    # a name of its own for each writer (processes, ranks and hosts on a shared folder may write the same target),
+    # left for the writer to create, so the file gets the usual permissions (mkstemp's would be owner-only)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
     try:
         yield partial
         with open(partial, "rb") as file:

@@ -27,6 +27,12 @@ def test_the_target_changes_only_when_the_block_ends(tmp_path):
     assert sorted(path.name for path in target.parent.iterdir()) == ["summary.json"]
 
 
+def test_an_atomic_write_gives_the_file_the_usual_permissions(tmp_path):
+    (tmp_path / "plain.txt").write_text("x")
+    write_text(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+
+
 def test_an_error_mid_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path):
     target = write_text(tmp_path / "outcomes.md", "old\n")
     with pytest.raises(OSError, match="disk full"), replacing(target) as partial:
