@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 @contextmanager
@@ -32,6 +32,14 @@ def replacing(path: str | Path) -> Iterator[Path]:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def opened(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """A file opened in ``mode`` (``open``'s ``kwargs``, e.g. ``newline``) that replaces ``path`` when the block
+    ends without an error (``replacing``): for writers that take a file object."""
+    with replacing(path) as partial, partial.open(mode, **kwargs) as file:
+        yield file
 
 
 def write_text(path: str | Path, text: str) -> Path:

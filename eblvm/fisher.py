@@ -176,10 +176,11 @@ def estimate_fisher(
         # with VaES the target would carry q's error and VaES's noise, not the optimal critic
         require(score == "exact", "--fit", "regression", f"needs the exact score, not {score!r}")
         probe_rows = train[:2]
+        returned = tuple(data_score(probe_rows).shape)
         require(
-            data_score(probe_rows).shape == probe_rows.shape,
+            returned == probe_rows.shape,
             "data_score",
-            tuple(data_score(probe_rows).shape),
+            returned,
             f"must return one score per row, of the rows' shape {tuple(probe_rows.shape)}",
         )
     scores = _Scores(model, score, posterior, settings)

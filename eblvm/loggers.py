@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
-from eblvm.atomic import replacing
+from eblvm.atomic import opened
 
 
 class AppendingExperimentWriter(ExperimentWriter):
@@ -35,7 +35,7 @@ class AppendingExperimentWriter(ExperimentWriter):
         stopped mid-rewrite keeps its earlier rows."""
         with self._fs.open(self.metrics_file_path, "r", newline="") as file:
             rows = list(csv.DictReader(file))
-        with replacing(self.metrics_file_path) as partial, partial.open("w", newline="") as file:
+        with opened(self.metrics_file_path, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)

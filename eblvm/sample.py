@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from eblvm.assemble import WEIGHTS, rebuild
-from eblvm.atomic import replacing
+from eblvm.atomic import opened
 from eblvm.checkpoints import resolve_checkpoint
 from eblvm.errors import ConfigError
 from eblvm.evaluation.plots import save_image_grid
@@ -76,7 +76,7 @@ def sample(
     out = out or file.parent.parent / "samples" / file.stem
     out.mkdir(parents=True, exist_ok=True)
     save_image_grid(images[:100], out / "grid.png", nrow=math.ceil(math.sqrt(min(len(images), 100))))
-    with replacing(out / "samples.npz") as partial, partial.open("wb") as file:
+    with opened(out / "samples.npz") as file:
         np.savez_compressed(file, samples=images.numpy().astype(np.float32))
     if write_pngs:
         for index, image in enumerate(images):

@@ -19,7 +19,7 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR10, MNIST, SVHN, CelebA, FashionMNIST, ImageFolder, VisionDataset
 from tqdm import tqdm
 
-from eblvm.atomic import replacing
+from eblvm.atomic import opened
 from eblvm.data.files import resolve_path
 from eblvm.data.splits import Splits, split_by_fractions
 from eblvm.errors import require, require_count
@@ -253,7 +253,7 @@ def celeba(root: str | os.PathLike, crop: int = 140, size: int = 32, download: b
 def _write_cache(cache: Path, arrays: dict[str, torch.Tensor]) -> None:
     """Save ``arrays`` to ``cache`` through a temporary file, so a partial cache never appears; warn if it fails."""
     try:
-        with replacing(cache) as partial, partial.open("wb") as file:
+        with opened(cache) as file:
             np.savez(file, **{name: array.numpy() for name, array in arrays.items()})
     except OSError as error:
         log.warning("CelebA: could not write %s (%s); the images will be processed again next time", cache, error)
