@@ -2,6 +2,7 @@
 
 from eblvm.posteriors.base import BoundPosterior, Posterior
 from eblvm.posteriors.bernoulli import BernoulliFamily, ExactGRBMPosterior, RelaxedBernoulliPosterior
+from eblvm.posteriors.encoder import GaussianEncoderPosterior
 from eblvm.posteriors.gaussian import GaussianConvPosterior, GaussianMLPPosterior, GaussianPosterior
 from eblvm.posteriors.gaussian_linear import ExactGaussianLinearPosterior
 
@@ -11,6 +12,7 @@ __all__ = [
     "ExactGRBMPosterior",
     "ExactGaussianLinearPosterior",
     "GaussianConvPosterior",
+    "GaussianEncoderPosterior",
     "GaussianMLPPosterior",
     "GaussianPosterior",
     "Posterior",
