@@ -154,7 +154,7 @@ class EnsembleParts:
         group = stacked.param_groups[0]
         rates = member_learning_rates({**group, "member_mask": None})
         lr = float(rates[member]) if isinstance(rates, torch.Tensor) else rates
-        optimizer = module.optim.optimizer(module.posterior.parameters(), lr)
+        optimizer = module.optim.optimizer(module.posterior.parameters(), lr, "posterior")
         for param, stacked_param in zip(module.posterior.parameters(), group["params"], strict=True):
             state = stacked.state.get(stacked_param)
             if state:

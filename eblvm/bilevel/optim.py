@@ -186,9 +186,13 @@ class SGD(_ListOptimizer):
 class OptimConfig:
     """``optim.*``: one optimizer type for both levels, each with its own learning rate and schedule.
 
-    ``scheduler=cosine`` anneals to ``min_lr`` over all training steps; ``step`` multiplies by ``gamma`` every
-    ``step_size`` steps. Schedules step once per iteration. ``clip_grad_norm`` (off by default, as in the
-    papers) clips the energy's gradient norm.
+    The energy's optimizer takes ``lr``, ``betas`` and ``weight_decay`` (coupled, as ``torch.optim.Adam``'s); the
+    posterior's ``posterior_lr`` and ``posterior_betas`` and ``posterior_weight_decay``, each the energy's value
+    when null. A generator (BiDVL) is stepped with the posterior by the same optimizer, or by a third one with
+    ``generator_lr`` when that is set (the posterior's betas and weight decay). ``scheduler=cosine`` anneals to
+    ``min_lr`` over all training steps; ``step`` multiplies by ``gamma`` every ``step_size`` steps (per epoch: the
+    steps of one epoch). Schedules step once per iteration. ``clip_grad_norm`` (off by default, as in the papers)
+    clips the energy's gradient norm.
     """
 
     name: str = "adam"
@@ -203,14 +207,36 @@ class OptimConfig:
     step_size: int = 1000
     gamma: float = 0.5
     clip_grad_norm: float | None = None
+    posterior_betas: tuple[float, float] | None = None
+    posterior_weight_decay: float | None = None
+    generator_lr: float | None = None
 
     def __post_init__(self):
         require_choice("name", self.name, OPTIMIZERS)
         require_choice("scheduler", self.scheduler, SCHEDULERS)
         for key in ("lr", "posterior_lr", "eps"):
             require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two in [0, 1)")
+        require(
+            self.generator_lr is None or self.generator_lr > 0,
+            "generator_lr",
+            self.generator_lr,
+            "must be > 0, or null to step the generator with the posterior's optimizer",
+        )
+        for key in ("betas", "posterior_betas"):
+            betas = getattr(self, key)
+            require(
+                (betas is None and key == "posterior_betas") or (len(betas) == 2 and all(0 <= b < 1 for b in betas)),
+                key,
+                betas,
+                "two in [0, 1)" + (", or null for optim.betas" if key == "posterior_betas" else ""),
+            )
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(
+            self.posterior_weight_decay is None or self.posterior_weight_decay >= 0,
+            "posterior_weight_decay",
+            self.posterior_weight_decay,
+            "must be >= 0, or null for optim.weight_decay",
+        )
         require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         require_count("step_size", self.step_size, 1)
         require(
@@ -236,10 +262,17 @@ class OptimConfig:
         scale = torch.tensor([(member_lr - floor) / (lr - floor) for member_lr in member_lrs])
         return scale, floor * (1 - scale)
 
-    def optimizer(self, params, lr: float) -> torch.optim.Optimizer:
+    def optimizer(self, params, lr: float, level: str = "energy") -> torch.optim.Optimizer:
+        """The optimizer of ``params`` at learning rate ``lr``, with the betas and weight decay of ``level``
+        (``energy``, or ``posterior`` for the posterior's and a generator's)."""
+        require_choice("level", level, ("energy", "posterior"))
+        betas, weight_decay = self.betas, self.weight_decay
+        if level == "posterior":
+            betas = self.betas if self.posterior_betas is None else self.posterior_betas
+            weight_decay = self.weight_decay if self.posterior_weight_decay is None else self.posterior_weight_decay
         if self.name == "adam":
-            return Adam(params, lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
-        return SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            return Adam(params, lr=lr, betas=betas, eps=self.eps, weight_decay=weight_decay)
+        return SGD(params, lr=lr, momentum=self.momentum, weight_decay=weight_decay)
 
     def scheduler_for(self, optimizer: torch.optim.Optimizer, total_steps: int):
         if self.scheduler == "cosine":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -16,9 +17,12 @@ from torchdata.stateful_dataloader.sampler import BatchSampler, RandomSampler, S
 
 from eblvm.checkpoints import gather_rank_states, own_rank_state
 from eblvm.data.splits import Splits
-from eblvm.errors import require, require_count
+from eblvm.errors import require, require_choice, require_count
 
 SHUFFLE_STREAM = 1 << 20  # keeps the shuffling generator apart from the others seeded from the run's seed
+# The pixel scales image data can be trained on: every image dataset is read in [0, 1]; "symmetric" maps it to
+# [-1, 1] (the BiDVL networks' tanh scale).
+PIXEL_RANGES = ("unit", "symmetric")
 
 
 class Rows(Dataset):
@@ -82,6 +86,11 @@ def _batch(rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def _symmetric(splits: Splits) -> Splits:
+    """``splits`` with every split's rows mapped from [0, 1] to [−1, 1]."""
+    return dataclasses.replace(splits, train=2 * splits.train - 1, val=2 * splits.val - 1, test=2 * splits.test - 1)
+
+
 def _channels_height_width(image_shape: Sequence[int], dim: int) -> tuple[int, int, int]:
     """``image_shape`` given as (height, width) or (channels, height, width), as (channels, height, width)."""
     shape = tuple(image_shape)
@@ -129,6 +138,9 @@ class EBLVMDataModule(pl.LightningDataModule):
     along the image width (validation and test batches are never flipped); each process draws its flips from its
     own generator, seeded from the Lightning seed (``PL_GLOBAL_SEED``, else torch's initial seed) and its rank.
 
+    ``pixel_range="symmetric"`` trains on images mapped from [0, 1] to [−1, 1] (``2x − 1``, every split);
+    ``to_unit`` maps rows of the training scale back to [0, 1] for grids and FID, and ``from_unit`` the other way.
+
     Resuming is exact: the training loader is a ``StatefulDataLoader`` whose position and shuffling state
     Lightning saves in checkpoints, and every rank's flip generator is saved beside it.
     """
@@ -142,28 +154,45 @@ class EBLVMDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         image_shape: Sequence[int] | None = None,
         random_flip: bool = False,
+        pixel_range: str = "unit",
     ):
         super().__init__()
         require(isinstance(splits, Splits), "splits", type(splits).__name__, "must be an eblvm.data.Splits")
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             require_count(key, value, 1)
         require_count("num_workers", num_workers, 0)
+        require_choice("pixel_range", pixel_range, PIXEL_RANGES)
+        require(
+            pixel_range == "unit" or image_shape is not None,
+            "pixel_range",
+            pixel_range,
+            "rescales images, so it needs data.image_shape=[channels, height, width]",
+        )
         require(
             not random_flip or image_shape is not None,
             "random_flip",
             random_flip,
             "flips images, so it needs data.image_shape=[channels, height, width]",
         )
-        self.splits = splits
+        self.pixel_range = pixel_range
+        self.splits = splits if pixel_range == "unit" else _symmetric(splits)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.train_on_val = train_on_val
         self.num_workers = num_workers
         self.image_shape = None if image_shape is None else _channels_height_width(image_shape, splits.dim)
         self.random_flip = random_flip
-        self.train_data = torch.cat([splits.train, splits.val]) if train_on_val else splits.train
+        self.train_data = torch.cat([self.splits.train, self.splits.val]) if train_on_val else self.splits.train
         self._flip_generator: torch.Generator | None = None
         self.shuffle_seeds: list[int] | None = None  # an ensemble's member seeds (``train_dataloader``)
+
+    def to_unit(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the training scale mapped to [0, 1] pixels (the identity for ``pixel_range="unit"``)."""
+        return rows if self.pixel_range == "unit" else (rows + 1) / 2
+
+    def from_unit(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of [0, 1] pixels mapped to the training scale (the inverse of ``to_unit``)."""
+        return rows if self.pixel_range == "unit" else 2 * rows - 1
 
     @property
     def dim(self) -> int:
