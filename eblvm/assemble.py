@@ -27,6 +27,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from eblvm.bilevel.bidvl import BidvlModule
 from eblvm.bilevel.module import BilevelModule
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.callbacks.base import EvaluationCallback
@@ -210,9 +211,19 @@ def check_run_settings(cfg: DictConfig) -> None:
     check_devices(cfg.trainer)
 
 
-def check_pairing(model: EnergyModel, posterior: Posterior | None, objective: Objective) -> None:
-    """Cross-group checks: latent sizes and types agree, and the objective can use this model."""
-    if objective.needs_posterior:
+def check_pairing(
+    model: EnergyModel, posterior: Posterior | None, objective: Objective, generator: torch.nn.Module | None = None
+) -> None:
+    """Cross-group checks: latent sizes and types agree, and the objective can use this model. With a generator
+    (BiDVL) the posterior's latent is the generator's, not the energy's."""
+    if objective.needs_generator:
+        require(
+            generator.h_dim == posterior.h_dim,
+            "generator.h_dim",
+            generator.h_dim,
+            f"must equal posterior.h_dim={posterior.h_dim} (the encoder's and the generator's latent)",
+        )
+    elif objective.needs_posterior:
         require(
             posterior.h_dim == model.h_dim,
             "posterior.h_dim",
@@ -244,6 +255,7 @@ class RunParts:
     sampling: SamplingConfig
     sampling_mode: str
     evaluation_callbacks: list[EvaluationCallback] = field(default_factory=list)
+    generator: torch.nn.Module | None = None
 
     def logged_metrics(self) -> set[str]:
         """Names (without stage) of every metric this run logs at validation and test."""
@@ -262,18 +274,18 @@ class RunParts:
         }
 
     def module(self, cfg: DictConfig) -> BilevelModule:
-        """The Lightning module that trains these parts, recording the config that rebuilds them."""
+        """The Lightning module that trains these parts (``BidvlModule`` for an objective with a generator),
+        recording the config that rebuilds them."""
         record = {"config": OmegaConf.to_container(cfg, resolve=True), "data_shapes": self.data_shapes}
-        return BilevelModule(
-            self.model,
-            self.posterior,
-            self.objective,
-            self.optim,
-            cfg.seed,
-            on_nonfinite=cfg.on_nonfinite,
-            max_consecutive_skips=cfg.max_consecutive_skips,
-            run_record=record,
-        )
+        settings = {
+            "seed": cfg.seed,
+            "on_nonfinite": cfg.on_nonfinite,
+            "max_consecutive_skips": cfg.max_consecutive_skips,
+            "run_record": record,
+        }
+        if self.objective.needs_generator:
+            return BidvlModule(self.model, self.posterior, self.generator, self.objective, self.optim, **settings)
+        return BilevelModule(self.model, self.posterior, self.objective, self.optim, **settings)
 
 
 def _data_shapes(datamodule) -> dict[str, Any]:
@@ -319,11 +331,15 @@ def assemble(
     posterior = (
         instantiate_node("posterior", cfg.posterior, **shapes, model=model) if objective.needs_posterior else None
     )
-    check_pairing(model, posterior, objective)
-    sampling_mode = "gibbs" if model.has_gibbs_sampler else _resolve_sampling_mode(sampling, model, posterior)
+    generator = build_generator(cfg, objective, shapes)
+    check_pairing(model, posterior, objective, generator)
+    sampling_mode = (
+        "gibbs" if model.has_gibbs_sampler else _resolve_sampling_mode(sampling, model, posterior, generator)
+    )
     parts = RunParts(
         cfg, datamodule, data_shapes, model, posterior, objective, optim, evaluation, sampling, sampling_mode
     )
+    parts.generator = generator
     if datamodule is not None:
         parts.evaluation_callbacks = build_evaluation_callbacks(cfg, parts)
         _check_monitor(cfg, parts)
@@ -331,9 +347,32 @@ def assemble(
     return parts
 
 
-def _resolve_sampling_mode(sampling: SamplingConfig, model: EnergyModel, posterior: Posterior | None) -> str:
+def build_generator(cfg: DictConfig, objective: Objective, shapes: dict[str, Any]) -> torch.nn.Module | None:
+    """The ``generator`` group's network for an objective that trains one (BiDVL); it must be set exactly then."""
+    node = cfg.get("generator")
+    if not objective.needs_generator:
+        require(
+            node is None,
+            "generator",
+            OmegaConf.select(cfg, "generator._target_"),
+            f"only objectives that train a generator use one (objective=bidvl), not {type(objective).__name__}: "
+            "remove generator=...",
+        )
+        return None
+    require(
+        node is not None and "_target_" in node,
+        "generator",
+        None if node is None else OmegaConf.to_container(node),
+        f"{type(objective).__name__} trains a generator: choose one with generator=dcgan or generator=sngan_resnet",
+    )
+    return instantiate_node("generator", node, image_shape=shapes["image_shape"])
+
+
+def _resolve_sampling_mode(
+    sampling: SamplingConfig, model: EnergyModel, posterior: Posterior | None, generator: torch.nn.Module | None
+) -> str:
     try:
-        return sampling.resolve_mode(model, posterior)
+        return sampling.resolve_mode(model, posterior, generator)
     except ConfigError as error:
         raise error.with_prefix("sampling") from None
 
@@ -459,6 +498,8 @@ def rebuild(
     parts.model.load_state_dict(_submodule_state(state, "model."))
     if parts.posterior is not None:
         parts.posterior.load_state_dict(_submodule_state(state, "posterior."))
+    if parts.generator is not None:
+        parts.generator.load_state_dict(_submodule_state(state, "generator_net."))
     if with_data:  # the objective's buffers are sized by the data (``Objective.prepare``)
         parts.objective.load_state_dict(_submodule_state(state, "objective."))
     return TrainedRun(config, parts, saved, file)

@@ -40,6 +40,7 @@ class TrainConfig:
     model: Any = MISSING
     posterior: Any = MISSING
     objective: Any = MISSING
+    generator: Any = None
     trainer: Any = MISSING
     logger: Any = None
     callbacks: Any = MISSING

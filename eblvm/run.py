@@ -173,6 +173,15 @@ def format_summary(summary: dict[str, Any], output_dir: str) -> str:
             f"  test FID / KID       {summary['test/fid']:.2f} / {summary['test/kid_mean']:.4f} "
             f"({summary['sampling_mode']} samples, {summary['evaluated_weights']} weights)"
         )
+    if "test/reconstruction_mse_per_pixel" in summary:
+        lines.append(
+            f"  test reconstruction  {summary['test/reconstruction_mse_per_pixel']:.4f} squared error per pixel, "
+            f"{summary['test/reconstruction_sse_per_image']:.2f} per image ({summary['network_mode']} mode)"
+        )
+    aurocs = {key.removeprefix("test/auroc_"): value for key, value in summary.items() if key.startswith("test/auroc_")}
+    if aurocs:
+        listed = ", ".join(f"{name} {value:.4f}" for name, value in aurocs.items())
+        lines.append(f"  test OOD AUROC       {listed} (score -F)")
     if "test/linear_probe_accuracy" in summary:
         lines.append(f"  linear probe on q   {summary['test/linear_probe_accuracy']:.4f} test accuracy")
     lines.append(f"  run directory        {output_dir}")

@@ -3,7 +3,8 @@
 Writes ``grid.png`` (up to 100 samples), ``samples.npz`` (all samples, ``(N, C, H, W)`` float32 in the data's
 scale) and, with ``--png``, one PNG per sample, into ``--out`` (default ``<run>/samples/<checkpoint name>``).
 Deep energies are sampled by annealed Langevin with the run's ``sampling.langevin`` schedule (change any of it
-with ``--schedule key=value``); GRBMs by Gibbs sampling.
+with ``--schedule key=value``), or by their generator (BiDVL); GRBMs by Gibbs sampling. The grid shows [0, 1]
+pixels whatever the data's scale.
 """
 
 from __future__ import annotations
@@ -62,24 +63,28 @@ def sample(
         raise SystemExit(f"{file}: the run's data are not images (data.image_shape is unset)")
     model = trained.model.to(device)
     posterior = trained.posterior.to(device) if trained.posterior is not None else None
+    generator_net = trained.parts.generator.to(device).eval() if trained.parts.generator is not None else None
     generator = torch.Generator(device=device).manual_seed(seed)
     train = trained.datamodule.train_data
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     reference = train[order[torch.arange(n_samples) % len(train)]]  # via_q: cycles when asked for more rows
     chunk = config.n_images
     batches = []
-    for start in tqdm(range(0, n_samples, chunk), desc=f"sampling ({config.resolve_mode(model, posterior)})"):
+    description = f"sampling ({config.resolve_mode(model, posterior, generator_net)})"
+    for start in tqdm(range(0, n_samples, chunk), desc=description):
         rows = reference[start : start + chunk].to(device)
         size = min(chunk, n_samples - start)
-        batches.append(draw_samples(model, posterior, config, size, generator, rows[:size]).cpu())
+        drawn = draw_samples(model, posterior, config, size, generator, rows[:size], generator_net=generator_net)
+        batches.append(drawn.cpu())
     images = torch.cat(batches).reshape(-1, *image_shape)
+    pixels = trained.datamodule.to_unit(images)
     out = out or file.parent.parent / "samples" / file.stem
     out.mkdir(parents=True, exist_ok=True)
-    save_image_grid(images[:100], out / "grid.png", nrow=math.ceil(math.sqrt(min(len(images), 100))))
+    save_image_grid(pixels[:100], out / "grid.png", nrow=math.ceil(math.sqrt(min(len(images), 100))))
     with opened(out / "samples.npz") as file:
         np.savez_compressed(file, samples=images.numpy().astype(np.float32))
     if write_pngs:
-        for index, image in enumerate(images):
+        for index, image in enumerate(pixels):
             save_image_grid(image[None], out / f"{index:05d}.png", nrow=1)
     return out
 
@@ -88,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a run directory (uses checkpoints/last.ckpt) or a .ckpt file")
     parser.add_argument("--n-samples", type=int, default=64)
-    parser.add_argument("--mode", choices=MODES, help="Langevin mode (default: the run's sampling.mode)")
+    parser.add_argument("--mode", choices=MODES, help="sampling mode (default: the run's sampling.mode)")
     parser.add_argument("--weights", choices=WEIGHTS, default="saved", help="saved (EMA if the run used it) | raw")
     parser.add_argument("--schedule", nargs="*", default=[], metavar="KEY=VALUE", help="sampling.langevin changes")
     parser.add_argument("--out", type=Path, help="output folder (default <run>/samples/<checkpoint name>)")

@@ -75,6 +75,9 @@ FAST_RUN = ["debug=fast"]
 # A few seconds of BiMDSM on digits with a tiny network and a short Langevin schedule (conf/debug/fast_deep.yaml).
 FAST_DEEP = ["experiment=digits_bimdsm", "debug=fast_deep"]
 
+# A few seconds of BiDVL on digits with tiny networks (conf/debug/fast_bidvl.yaml).
+FAST_BIDVL = ["experiment=digits_bidvl", "debug=fast_bidvl"]
+
 
 def compose_train_config(output_dir: Path, overrides: list[str]) -> DictConfig:
     """The config ``python train.py <overrides>`` would run, writing into ``output_dir``."""

@@ -14,7 +14,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from scipy.io import savemat
 
-from eblvm.assemble import build_dataclass, check_pairing, instantiate_node
+from eblvm.assemble import build_dataclass, build_generator, check_pairing, instantiate_node
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.errors import ConfigError, require_count
 from eblvm.evaluation.settings import EvalConfig
@@ -24,12 +24,23 @@ from eblvm.sampling.draw import SamplingConfig
 from tests.conftest import FAST_RUN, ROOT, compose_train_config
 from tests.models import GaussianLinear
 
-GROUPS = ["data", "model", "posterior", "objective", "optim", "trainer", "logger", "callbacks", "experiment"]
+GROUPS = [
+    "data",
+    "model",
+    "posterior",
+    "objective",
+    "generator",
+    "optim",
+    "trainer",
+    "logger",
+    "callbacks",
+    "experiment",
+]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((ROOT / "conf" / group).glob("*.yaml"))]
 # Read from local files in real formats: tests/test_image_data.py writes tiny ones and builds these configs.
 # option -> the eblvm.data function it reads with
 IMAGE_FILE_DATA = {name: name for name in ("mnist", "fashion_mnist", "cifar10", "svhn", "celeba", "image_folder")}
-IMAGE_FILE_DATA["celeba64"] = "celeba"
+IMAGE_FILE_DATA["celeba64"] = IMAGE_FILE_DATA["celeba64_crop160"] = "celeba"
 # Deep networks need image data and their partners: the latent EBM a Gaussian q fitted by the Fisher loss, the
 # latent-free EBM an exact-score objective.
 DEEP_PARTNERS = {
@@ -37,6 +48,8 @@ DEEP_PARTNERS = {
     ("posterior", "gaussian_conv"): ["model=latent_ebm", "objective.lower=fisher"],
     ("model", "ebm"): ["objective=mdsm"],
 }
+# BiDVL's parts need each other: an energy over images, the Gaussian encoder, a generator and objective=bidvl.
+BIDVL_PARTS = {"model": "sn_cnn_energy", "posterior": "gaussian_encoder", "generator": "dcgan", "objective": "bidvl"}
 
 
 # The linear-Gaussian EBLVM has continuous latents: it pairs with a Gaussian posterior, not the default Bernoulli one.
@@ -57,6 +70,11 @@ def overrides_for(group: str, option: str, tmp_path: Path) -> list[str]:
         overrides += CONTINUOUS_PARTNERS[group, option]
     if (group, option) in DEEP_PARTNERS:
         overrides += ["data=digits", "callbacks.checkpoint.monitor=val/objective", *DEEP_PARTNERS[group, option]]
+    if BIDVL_PARTS.get(group) is not None and (
+        group == "generator" or option in (BIDVL_PARTS[group], "sn_resnet_energy")
+    ):
+        overrides += ["data=digits", "data.pixel_range=symmetric", "callbacks.checkpoint.monitor=val/objective"]
+        overrides += [f"{other}={choice}" for other, choice in BIDVL_PARTS.items() if other != group]
     if group == "experiment":
         text = (ROOT / "conf" / "experiment" / f"{option}.yaml").read_text()
         if any(f"override /data: {name}\n" in text for name in IMAGE_FILE_DATA):
@@ -86,10 +104,11 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
     posterior = (
         instantiate_node("posterior", cfg.posterior, **shapes, model=model) if objective.needs_posterior else None
     )
-    if posterior is not None:
+    generator = build_generator(cfg, objective, shapes)
+    if posterior is not None and generator is None:
         assert posterior.h_dim == model.h_dim
     if not (group == "posterior" and option == "gaussian_mlp"):  # continuous q cannot pair with a GRBM
-        check_pairing(model, posterior, objective)
+        check_pairing(model, posterior, objective, generator)
     settings = {"evaluation": EvalConfig(), "sampling": SamplingConfig()}
     for name, node in [*(cfg.logger or {}).items(), *cfg.callbacks.items()]:
         instantiate_node(name, node, **settings)
@@ -226,6 +245,10 @@ DEBUG_OPTIONS = {
         "data.batch_size": 20, "trainer.max_steps": 1, "trainer.val_check_interval": 1, "trainer.limit_val_batches": 1,
         "callbacks.progress.refresh_rate": 0, "sampling.n_images": 4, "sampling.langevin.hot_steps": 2,
         "sampling.langevin.anneal_steps": 2, "sampling.langevin.cool_steps": 2}),
+    "fast_bidvl": (["experiment=digits_bidvl"], {
+        "model.channels": 4, "posterior.h_dim": 3, "posterior.channels": 4, "generator.channels": 4,
+        "data.batch_size": 20, "trainer.max_steps": 2, "trainer.val_check_interval": 2, "trainer.limit_val_batches": 1,
+        "callbacks.progress.refresh_rate": 0, "sampling.n_images": 4, "evaluation.ood_samples": 20}),
     "overfit": ([], {"trainer.overfit_batches": 1, "trainer.max_steps": 300, "trainer.val_check_interval": 25,
                      "data.splits.n_train": 2000, "callbacks.progress.refresh_rate": 0}),
     "profile": ([], {"trainer.profiler": "simple", "trainer.max_steps": 30, "data.splits.n_train": 2000}),

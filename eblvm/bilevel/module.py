@@ -13,6 +13,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import Precision
+from torch import nn
 
 from eblvm.bilevel.optim import OptimConfig
 from eblvm.bilevel.unroll import unroll
@@ -73,6 +74,7 @@ class BilevelModule(pl.LightningModule):
         self.model = model
         self.posterior = posterior if objective.needs_posterior else None
         self.objective = objective
+        self.generator_net: nn.Module | None = None  # the generator of objectives that train one (BidvlModule)
         self.optim = optim
         self.seed = seed
         require_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
@@ -158,7 +160,7 @@ class BilevelModule(pl.LightningModule):
         energy_params = [*self.model.parameters(), *self.objective.parameters()]
         optimizers = [self.optim.optimizer(energy_params, self.optim.lr)]
         if self.trains_posterior:
-            optimizers.append(self.optim.optimizer(self.posterior.parameters(), self.optim.posterior_lr))
+            optimizers.append(self.optim.optimizer(self.posterior.parameters(), self.optim.posterior_lr, "posterior"))
         return optimizers, [self.optim.scheduler_for(opt, total_steps) for opt in optimizers]
 
     def posterior_optimizer(self) -> torch.optim.Optimizer | None:
@@ -286,12 +288,20 @@ class BilevelModule(pl.LightningModule):
         if self._writes_log_row():
             self._log_training(checks, optimizers[0], batch_size=v.shape[-2])
 
-    def _log_training(self, checks: list[tuple[str, torch.Tensor]], optimizer, batch_size: int) -> None:
-        """The last lower step's loss and gradient norm, the higher loss, its gradient norm and the learning rate."""
+    def _log_training(
+        self,
+        checks: list[tuple[str, torch.Tensor]],
+        optimizer,
+        batch_size: int,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """The last lower step's loss and gradient norm, the higher loss, its gradient norm, the learning rate, and
+        ``extra`` values as ``train/<name>``."""
         last = dict(checks)
         logs = {"train/loss": last["higher loss"], "train/grad_norm": last["higher gradient norm"]}
         if "lower loss" in last:
             logs |= {"train/lower_loss": last["lower loss"], "train/posterior_grad_norm": last["lower gradient norm"]}
+        logs |= {f"train/{name}": value for name, value in (extra or {}).items()}
         logs["train/lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
         if self.on_nonfinite == "skip":
             logs["train/skipped_steps"] = torch.tensor(float(self.skipped_steps))

@@ -3,6 +3,7 @@
 from eblvm.callbacks.base import EvaluationCallback
 from eblvm.callbacks.ema import ParameterEMA
 from eblvm.callbacks.figures import Figures
+from eblvm.callbacks.generative import OutOfDistribution, Reconstructions
 from eblvm.callbacks.images import ImageQuality, LinearProbe, SampleGrids
 from eblvm.callbacks.last_checkpoint import LastCheckpoint
 from eblvm.callbacks.metrics import GradientBias, LogLikelihood, PosteriorGap, SMObjective, Timing
@@ -15,8 +16,10 @@ __all__ = [
     "LastCheckpoint",
     "LinearProbe",
     "LogLikelihood",
+    "OutOfDistribution",
     "ParameterEMA",
     "PosteriorGap",
+    "Reconstructions",
     "SMObjective",
     "SampleGrids",
     "Timing",

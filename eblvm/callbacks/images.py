@@ -26,14 +26,22 @@ def _training_rows(datamodule, seed: int) -> torch.Tensor:
 
 
 def _sample_images(pl_module, sampling: SamplingConfig, rows: torch.Tensor, generator) -> torch.Tensor:
-    """One sample per row of ``rows`` (the rows whose posterior means ``via_q`` holds h at), as images, drawn in
-    chunks of ``sampling.n_images``."""
+    """One sample per row of ``rows`` (the rows whose posterior means ``via_q`` holds h at), as [0, 1] images,
+    drawn in chunks of ``sampling.n_images``."""
     model, shape = pl_module.model, pl_module.model.image_shape
     chunks = [
-        draw_samples(model, pl_module.posterior, sampling, len(chunk), generator, chunk.to(pl_module.device))
+        draw_samples(
+            model,
+            pl_module.posterior,
+            sampling,
+            len(chunk),
+            generator,
+            chunk.to(pl_module.device),
+            generator_net=pl_module.generator_net,
+        )
         for chunk in rows.split(sampling.n_images)
     ]
-    return torch.cat(chunks).reshape(-1, *shape)
+    return pl_module.trainer.datamodule.to_unit(torch.cat(chunks)).reshape(-1, *shape)
 
 
 class SampleGrids(EvaluationCallback):
@@ -118,7 +126,9 @@ class ImageQuality(EvaluationCallback):
         n = self.evaluation.fid_samples
         rows = _training_rows(trainer.datamodule, pl_module.seed)
         if self._real_features is None:
-            real = self._rank_share(trainer, rows[:n]).reshape(-1, *pl_module.model.image_shape)
+            real = trainer.datamodule.to_unit(self._rank_share(trainer, rows[:n])).reshape(
+                -1, *pl_module.model.image_shape
+            )
             self._real_features = self._features(trainer, pl_module, real)[:n]
         conditioning = self._rank_share(trainer, rows[n : 2 * n])
         fakes = _sample_images(pl_module, self.sampling, conditioning, pl_module.evaluation_generator(FID_STREAM))

@@ -21,6 +21,7 @@ class Objective(nn.Module):
     """
 
     needs_posterior: bool = False
+    needs_generator: bool = False  # trains a generator network of the ``generator`` group (BiDVL)
     n_lower_steps: int = 0
     n_unroll: int = 0
     # Buffers that differ between DDP ranks (each rank's persistent chains): checkpoints keep every rank's.
