@@ -39,6 +39,7 @@ from eblvm.data import (
 )
 from eblvm.data.datamodule import flip_horizontally
 from eblvm.errors import ConfigError
+from eblvm.evaluation.ood import out_of_distribution_rows
 from tests.conftest import compose_train_config
 
 
@@ -262,6 +263,19 @@ def test_svhn_images_and_labels(tmp_path, monkeypatch):
     assert np.array_equal(rows_of(splits.test), written["test"])
     assert torch.cat([splits.train_labels, splits.val_labels]).tolist() == [0, 1, 2, 0, 9]  # 10 is the digit 0
     assert splits.test_labels.tolist() == [3, 0]
+
+
+def test_out_of_distribution_sets_read_svhn_test_images_and_image_folders(tmp_path, monkeypatch):
+    written = write_svhn(tmp_path / "svhn", monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    inside = torch.rand(3, 3 * 32 * 32, generator=generator)
+    rows = out_of_distribution_rows("svhn", 10, (3, 32, 32), inside, generator, data_dir=tmp_path)
+    assert np.array_equal(rows_of(rows), written["test"])
+    levels = write_image_folder(tmp_path / "folder")
+    rows = out_of_distribution_rows(f"folder:{tmp_path / 'folder'}", 100, (3, 8, 8), torch.rand(2, 192), generator)
+    assert sorted(rows_of(rows)[:, 0].tolist()) == sorted(level for values in levels.values() for level in values)
+    with pytest.raises(ConfigError, match="ood_sets='svhn': has images of 3072 values, the data's have 64"):
+        out_of_distribution_rows("svhn", 10, (1, 8, 8), torch.rand(2, 64), generator, data_dir=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def _file_set(name: str, data_dir: str | os.PathLike | None, image_shape: tuple[
         return torch.cat([splits.train, splits.val, splits.test])
     require(data_dir is not None, "ood_data_dir", data_dir, f"the {name} set is read from local files: set its folder")
     root = Path(data_dir)
-    return svhn(root / "svhn").test if name == "svhn" else celeba(root, crop=140, size=32).test
+    return svhn(root / "svhn", n_val=1).test if name == "svhn" else celeba(root, crop=140, size=32).test
 
 
 def out_of_distribution_rows(
