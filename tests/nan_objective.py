@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from eblvm.objectives.bidvl import BiDVL
 from eblvm.objectives.score_matching import ScoreMatching
 
 
@@ -21,3 +22,17 @@ class NaNAtSteps(ScoreMatching):
 
     def validation_loss(self, model, q, v, generator):
         return super().higher_loss(model, q, v, generator)
+
+
+class BidvlNaNAtSteps(BiDVL):
+    """BiDVL whose lower loss is NaN at the lower steps in ``nan_steps`` (counted from 0 in this process)."""
+
+    def __init__(self, nan_steps: list[int], **kwargs):
+        super().__init__(**kwargs)
+        self.nan_steps = set(nan_steps)
+        self.lower_calls = 0
+
+    def lower_terms(self, *args, **kwargs):
+        terms = super().lower_terms(*args, **kwargs)
+        step, self.lower_calls = self.lower_calls, self.lower_calls + 1
+        return terms | {"loss": terms["loss"] * float("nan")} if step in self.nan_steps else terms

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eblvm.checkpoints import load_checkpoint
-from eblvm.errors import ConfigError
+from eblvm.errors import ConfigError, DivergenceError
 from eblvm.evaluation.ood import auroc, constant_images, pixel_shuffled
 from eblvm.models import DCGANGenerator, SNConvEnergy
 from eblvm.objectives import BiDVL
@@ -182,7 +182,7 @@ def test_one_iteration_equals_the_two_updates_written_out_by_hand(tmp_path, fres
 
 
 def test_digits_bidvl_runs_evaluates_and_samples_from_its_generator(tmp_path):
-    summary = run(compose_train_config(tmp_path, FAST_BIDVL + ["optim.generator_lr=1.0e-3"]))
+    summary = run(compose_train_config(tmp_path, FAST_BIDVL + ["optim.generator_lr=1.0e-3", "ema_decay=0.9"]))
     assert summary["sampling_mode"] == "generator" and summary["network_mode"] == "eval"
     for key in ("reconstruction_mse_per_pixel", "reconstruction_sse_per_image"):
         assert math.isfinite(summary[f"test/{key}"])
@@ -203,6 +203,41 @@ def test_a_bidvl_run_without_a_generator_or_with_latent_free_data_is_refused(tmp
         run(compose_train_config(tmp_path, FAST_BIDVL + ["~generator"]))
     with pytest.raises(ConfigError, match="generator"):
         run(compose_train_config(tmp_path, ["debug=fast", "generator=dcgan"]))
+
+
+NAN_LOWER = ["objective._target_=tests.nan_objective.BidvlNaNAtSteps"]
+
+
+def test_a_non_finite_lower_step_stops_the_run_naming_it(tmp_path):
+    with pytest.raises(DivergenceError, match="lower loss is nan"):
+        run(compose_train_config(tmp_path, FAST_BIDVL + NAN_LOWER + ["+objective.nan_steps=[1]"]))
+
+
+def test_skip_drops_only_the_non_finite_lower_steps(tmp_path):
+    """Every lower step is NaN: the energy trains, the encoder and generator keep their initial weights."""
+    probe = tmp_path / "probe"
+    overrides = (
+        FAST_BIDVL
+        + NAN_LOWER
+        + [
+            "+objective.nan_steps=[0,1,2,3]",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "on_nonfinite=skip",
+            "+callbacks.probe._target_=tests.ddp_probe.RankProbe",
+            f"+callbacks.probe.out_dir={probe}",
+        ]
+    )
+    summary = run(compose_train_config(tmp_path, overrides))
+    assert summary["steps"] == 3
+    record = torch.load(probe / "rank0.pt")
+    initial, final = record["initial_state"], record["final_state"]
+    for name in initial:
+        if name.startswith(("posterior.", "generator_net.")) and "running" not in name and "num_batches" not in name:
+            assert torch.equal(initial[name], final[name]), name
+    assert not torch.equal(initial["model.layers.0.parametrizations.weight.original"],
+                           final["model.layers.0.parametrizations.weight.original"])  # fmt: skip
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["eblvm_skipped_steps"] == (3, 3)
 
 
 def test_bidvl_resumes_exactly(tmp_path):
