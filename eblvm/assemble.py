@@ -341,6 +341,12 @@ def assemble(
     )
     parts.generator = generator
     if datamodule is not None:
+        require(
+            not objective.needs_generator or datamodule.pixel_range == "symmetric",
+            "data.pixel_range",
+            datamodule.pixel_range,
+            f"{type(objective).__name__}'s generator ends in tanh: train on [-1, 1] with data.pixel_range=symmetric",
+        )
         parts.evaluation_callbacks = build_evaluation_callbacks(cfg, parts)
         _check_monitor(cfg, parts)
         objective.prepare(datamodule.train_data)

@@ -3,14 +3,22 @@ by hand, OOD AUROC, and the run through train.py (few steps, exact resume, DDP o
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from unittest import mock
 
 import pytest
 import torch
 
+from eblvm.assemble import assemble
+from eblvm.callbacks import ImageQuality
+from eblvm.callbacks.base import network_mode
 from eblvm.checkpoints import load_checkpoint
+from eblvm.data import digits
 from eblvm.errors import ConfigError, DivergenceError
+from eblvm.evaluation.images import image_features
 from eblvm.evaluation.ood import auroc, constant_images, pixel_shuffled
+from eblvm.evaluation.settings import EvalConfig
 from eblvm.models import DCGANGenerator, SNConvEnergy
 from eblvm.objectives import BiDVL
 from eblvm.objectives.bidvl import gaussian_kl_to_prior, reconstruction_errors
@@ -70,7 +78,7 @@ def test_each_term_moves_only_the_networks_methods_says():
         assert moved(terms[name], modules) == flow, name
 
 
-def test_hinge_upper_loss_and_the_lower_loss_are_the_weighted_terms():
+def test_hinge_upper_loss_is_the_mean_of_both_margins():
     energy, encoder, generator = tiny_networks()
     noise = torch.Generator().manual_seed(2)
     v = torch.rand(5, D, generator=noise) * 2 - 1
@@ -80,11 +88,6 @@ def test_hinge_upper_loss_and_the_lower_loss_are_the_weighted_terms():
     data_energy, generated_energy = energy.free_energy(v), energy.free_energy(generated)
     expected = torch.relu(1 + data_energy).mean() + torch.relu(1 - generated_energy).mean()
     torch.testing.assert_close(hinge, expected)
-
-    objective = BiDVL(lambda_vae=0.3, lambda_cycle=None)
-    terms = objective.lower_terms(energy.free_energy, encoder, generator, v, latent, generated, noise)
-    weighted = terms["generated_energy"] + terms["cycle"] / H_DIM + 0.3 * (terms["reconstruction"] + terms["kl"])
-    torch.testing.assert_close(terms["loss"], weighted)
 
 
 def test_kl_to_the_prior_equals_the_closed_form_of_torch_distributions():
@@ -125,13 +128,20 @@ def test_out_of_distribution_sets_keep_what_they_should():
     assert torch.equal(constant, constant[:, :, :1].expand_as(constant))
 
 
-@pytest.mark.parametrize("fresh_latent", [False, True], ids=["same-latent", "fresh-latent"])
-def test_one_iteration_equals_the_two_updates_written_out_by_hand(tmp_path, fresh_latent):
+@pytest.mark.parametrize(
+    ("fresh_latent", "upper", "generator_lr"),
+    [(False, "diff", None), (True, "diff", None), (True, "hinge", 2e-3)],
+    ids=["same-latent", "fresh-latent", "hinge-three-optimizers"],
+)
+def test_one_iteration_equals_the_two_updates_written_out_by_hand(tmp_path, fresh_latent, upper, generator_lr):
     probe = tmp_path / "probe"
     overrides = FAST_BIDVL + [
         "trainer.max_steps=1",
         f"objective.fresh_latent={str(fresh_latent).lower()}",
+        f"objective.upper={upper}",
+        f"optim.generator_lr={'null' if generator_lr is None else generator_lr}",
         "optim.posterior_weight_decay=0.01",
+        "optim.posterior_betas=[0.5,0.8]",
         "+callbacks.probe._target_=tests.ddp_probe.RankProbe",
         f"+callbacks.probe.out_dir={probe}",
     ]
@@ -146,16 +156,26 @@ def test_one_iteration_equals_the_two_updates_written_out_by_hand(tmp_path, fres
     for prefix, module in (("model.", energy), ("posterior.", encoder), ("generator_net.", generator)):
         module.load_state_dict({k.removeprefix(prefix): x for k, x in initial.items() if k.startswith(prefix)})
         module.train()
-    betas = tuple(cfg.optim.betas)
-    energy_adam = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr, betas=betas)
-    lower_params = [*encoder.parameters(), *generator.parameters()]
-    lower_adam = torch.optim.Adam(lower_params, lr=cfg.optim.posterior_lr, betas=betas, weight_decay=0.01)
+    energy_adam = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    lower = {"betas": (0.5, 0.8), "weight_decay": 0.01}
+    if generator_lr is None:
+        params = [*encoder.parameters(), *generator.parameters()]
+        lower_adams = [torch.optim.Adam(params, lr=cfg.optim.posterior_lr, **lower)]
+    else:
+        lower_adams = [
+            torch.optim.Adam(encoder.parameters(), lr=cfg.optim.posterior_lr, **lower),
+            torch.optim.Adam(generator.parameters(), lr=generator_lr, **lower),
+        ]
     noise = torch.Generator().manual_seed(cfg.seed)  # rank 0's training noise
 
     latent = torch.randn(len(v), H_DIM, generator=noise)
     generated = generator(latent)
-    upper = energy(v).mean() - energy(generated.detach()).mean()
-    upper.backward()
+    data_energy, generated_energy = energy(v), energy(generated.detach())
+    if upper == "hinge":
+        upper_loss = torch.relu(1 + data_energy).mean() + torch.relu(1 - generated_energy).mean()
+    else:
+        upper_loss = data_energy.mean() - generated_energy.mean()
+    upper_loss.backward()
     energy_adam.step()
 
     if fresh_latent:
@@ -170,10 +190,12 @@ def test_one_iteration_equals_the_two_updates_written_out_by_hand(tmp_path, fres
     h = mean + log_std.exp() * torch.randn(1, len(v), H_DIM, generator=noise)[0]
     reconstruction = ((generator(h) - v) ** 2).sum(-1).mean()
     kl = (-0.5 * (1 + 2 * log_std - mean**2 - (2 * log_std).exp()).sum(-1)).mean()
-    lower = generated_energy + cycle / H_DIM + cfg.objective.lambda_vae * (reconstruction + kl)
-    lower_adam.zero_grad()
-    lower.backward()
-    lower_adam.step()
+    lower_loss = generated_energy + cycle / H_DIM + cfg.objective.lambda_vae * (reconstruction + kl)
+    for adam in lower_adams:
+        adam.zero_grad()
+    lower_loss.backward()
+    for adam in lower_adams:
+        adam.step()
 
     final = record["final_state"]
     for prefix, module in (("model.", energy), ("posterior.", encoder), ("generator_net.", generator)):
@@ -182,7 +204,8 @@ def test_one_iteration_equals_the_two_updates_written_out_by_hand(tmp_path, fres
 
 
 def test_digits_bidvl_runs_evaluates_and_samples_from_its_generator(tmp_path):
-    summary = run(compose_train_config(tmp_path, FAST_BIDVL + ["optim.generator_lr=1.0e-3", "ema_decay=0.9"]))
+    epoch = ["optim.scheduler=epoch", "optim.gamma=0.5"]
+    summary = run(compose_train_config(tmp_path, FAST_BIDVL + ["optim.generator_lr=1.0e-3", "ema_decay=0.9", *epoch]))
     assert summary["sampling_mode"] == "generator" and summary["network_mode"] == "eval"
     for key in ("reconstruction_mse_per_pixel", "reconstruction_sse_per_image"):
         assert math.isfinite(summary[f"test/{key}"])
@@ -193,16 +216,77 @@ def test_digits_bidvl_runs_evaluates_and_samples_from_its_generator(tmp_path):
     assert (tmp_path / "reconstructions").is_dir() and (tmp_path / "samples").is_dir()
     checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert len(checkpoint["optimizer_states"]) == 3, "energy, encoder and generator each have an optimizer"
+    # scheduler=epoch: 1257 training digits at debug=fast_bidvl's batch of 20 are 62 steps an epoch
+    assert [schedule["step_size"] for schedule in checkpoint["lr_schedulers"]] == [1257 // 20] * 3
     assert any(".parametrizations.weight.0._u" in name for name in checkpoint["state_dict"])
     out = sample(tmp_path, n_samples=5, out=tmp_path / "drawn")
     assert (out / "grid.png").is_file()
 
 
-def test_a_bidvl_run_without_a_generator_or_with_latent_free_data_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="generator=dcgan"):
-        run(compose_train_config(tmp_path, FAST_BIDVL + ["~generator"]))
-    with pytest.raises(ConfigError, match="generator"):
-        run(compose_train_config(tmp_path, ["debug=fast", "generator=dcgan"]))
+def test_fid_compares_generator_samples_with_training_images_in_unit_pixels(tmp_path, random_inception_weights):
+    """The FID path sees [0, 1] images: the training images mapped back from [-1, 1], and generator samples."""
+    seen = []
+
+    def recording(extractor, images):
+        seen.append(images.detach().clone())
+        return image_features(extractor, images)
+
+    fid = ["evaluation.fid_samples=8", f"evaluation.inception_weights={random_inception_weights}"]
+    cfg = compose_train_config(tmp_path, FAST_BIDVL + fid)
+    with mock.patch("eblvm.callbacks.images.image_features", recording):
+        summary = run(cfg)
+    assert summary["test/fid"] > 0 and summary["sampling_mode"] == "generator"
+    train = digits().train  # [0, 1], as the FID callback orders it
+    expected = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))][:8]
+    torch.testing.assert_close(seen[0].reshape(8, -1), expected, rtol=0, atol=1e-6)
+    assert all(float(images.min()) >= 0 and float(images.max()) <= 1 for images in seen)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (FAST_BIDVL + ["~generator"], "BiDVL trains a generator: choose one with generator=dcgan"),
+        (["debug=fast", "generator=dcgan"], "only objectives that train a generator use one"),
+        (FAST_BIDVL + ["generator.h_dim=5"], "generator.h_dim=5: must equal posterior.h_dim=3"),
+        (FAST_BIDVL + ["data.pixel_range=unit"], "data.pixel_range='unit': BiDVL's generator ends in tanh"),
+        (["debug=fast", "evaluation.ood_sets=[uniform]"], "evaluation.ood_sets=.*GRBM lacks"),
+        (["debug=fast", "data.pixel_range=symmetric"], "data.pixel_range='symmetric': rescales images"),
+        (FAST_BIDVL + ["evaluation.ood_sets=[nearby]"], "evaluation.ood_sets='nearby': each set must be one of"),
+    ],
+    ids=["no-generator", "generator-without-bidvl", "latent-sizes", "unit-pixels", "ood-without-free-energy",
+         "rescaled-vectors", "unknown-ood-set"],
+)  # fmt: skip
+def test_bidvl_settings_that_cannot_work_are_refused_naming_the_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run(compose_train_config(tmp_path, overrides))
+
+
+def test_network_mode_train_uses_batch_statistics_and_puts_the_buffers_back():
+    _, encoder, generator = tiny_networks()
+    encoder.eval()
+    before = {name: value.clone() for name, value in encoder.state_dict().items()}
+    rows = torch.rand(6, D, generator=torch.Generator().manual_seed(6))
+    with network_mode(encoder, "train"):
+        assert encoder.training
+        encoder(rows)
+        assert not torch.equal(encoder.state_dict()["trunk.1.running_mean"], before["trunk.1.running_mean"])
+    assert not encoder.training
+    torch.testing.assert_close(encoder.state_dict(), before, rtol=0, atol=0)
+
+
+def test_fid_in_generator_mode_may_use_every_training_image(tmp_path):
+    """via_q conditions its samples on training images apart from the real set; a generator on none."""
+    weights = tmp_path / "inception.pth"
+    weights.touch()
+    cfg = compose_train_config(tmp_path, FAST_BIDVL)
+    parts = assemble(cfg)
+    n_train = len(parts.datamodule.train_data)
+    evaluation = EvalConfig(fid_samples=n_train, inception_weights=str(weights))
+    quality = ImageQuality(evaluation, parts.sampling)
+    assert quality.applies(parts.model, parts.posterior, parts.objective, parts.datamodule)
+    via_q = ImageQuality(evaluation, dataclasses.replace(parts.sampling, mode="via_q"))
+    with pytest.raises(ConfigError, match=f"at most {n_train // 2}"):
+        via_q.applies(parts.model, parts.posterior, parts.objective, parts.datamodule)
 
 
 NAN_LOWER = ["objective._target_=tests.nan_objective.BidvlNaNAtSteps"]
@@ -232,8 +316,8 @@ def test_skip_drops_only_the_non_finite_lower_steps(tmp_path):
     assert summary["steps"] == 3
     record = torch.load(probe / "rank0.pt")
     initial, final = record["initial_state"], record["final_state"]
-    for name in initial:
-        if name.startswith(("posterior.", "generator_net.")) and "running" not in name and "num_batches" not in name:
+    for name in initial:  # weights and batch-norm statistics
+        if name.startswith(("posterior.", "generator_net.")):
             assert torch.equal(initial[name], final[name]), name
     assert not torch.equal(initial["model.layers.0.parametrizations.weight.original"],
                            final["model.layers.0.parametrizations.weight.original"])  # fmt: skip

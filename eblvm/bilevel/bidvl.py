@@ -7,6 +7,7 @@ evaluation callbacks are the same machinery.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -47,8 +48,11 @@ class BidvlModule(BilevelModule):
     vectors follow from the weights alone, so they agree too; both are saved in checkpoints with the weights.
 
     Training metrics: the upper loss as ``train/loss`` (checks name it the higher loss, as for every objective),
-    the lower loss and each of its terms. Non-finite values: an upper step is checked before the energy moves and
-    a lower step before the encoder and generator move; ``skip`` drops just that step.
+    the lower loss and each of its terms. Non-finite values: the upper step is checked before the energy moves and
+    each lower step before the encoder and generator move. ``skip`` drops the whole iteration when the upper step
+    is non-finite, and only the lower level when a lower step is (the energy's step stands); either way the
+    encoder, the generator (weights and batch-norm statistics) and their optimizers are put back as they were
+    before the iteration, and every schedule steps with the energy's.
     """
 
     def __init__(
@@ -67,7 +71,6 @@ class BidvlModule(BilevelModule):
         self.generator_net = generator_net
 
     def configure_optimizers(self):
-        total_steps = max(int(self.trainer.max_steps), 1)
         optim = self.optim
         optimizers = [optim.optimizer(self.model.parameters(), optim.lr)]
         if optim.generator_lr is None:
@@ -76,7 +79,7 @@ class BidvlModule(BilevelModule):
         else:
             optimizers.append(optim.optimizer(self.posterior.parameters(), optim.posterior_lr, "posterior"))
             optimizers.append(optim.optimizer(self.generator_net.parameters(), optim.generator_lr, "posterior"))
-        return optimizers, [optim.scheduler_for(opt, total_steps) for opt in optimizers]
+        return optimizers, self._schedulers(optimizers)
 
     def _latent(self, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``ĥ ~ N(0, I)``, one per row of ``like``."""
@@ -85,6 +88,7 @@ class BidvlModule(BilevelModule):
     def training_step(self, v: torch.Tensor, batch_idx: int) -> None:
         optimizers = self._as_list(self.optimizers())
         schedulers = self._as_list(self.lr_schedulers())
+        saved = self._lower_state(optimizers[1:])
         latent = self._latent(v, self.generator)
         generated = self.generator_net(latent)
         upper = self.objective.upper_loss(self.model.free_energy, v, generated)
@@ -93,20 +97,44 @@ class BidvlModule(BilevelModule):
         checks = [("higher loss", upper.detach()), ("higher gradient norm", self._grad_norm(self.model.parameters()))]
         if not self._finite(checks):
             optimizers[0].zero_grad(set_to_none=True)
+            self._restore_lower(saved, optimizers[1:])  # the generator's batch-norm statistics saw the batch
             return
         if self.optim.clip_grad_norm is not None:
             self._clip(optimizers[0])
         optimizers[0].step()
-        schedulers[0].step()
-        lower_checks, terms = self._encoder_generator_steps(v, latent, generated, optimizers[1:], schedulers[1:])
-        if lower_checks is not None:
+        lower_checks, terms = self._encoder_generator_steps(v, latent, generated, optimizers[1:])
+        if lower_checks is None:
+            self._restore_lower(saved, optimizers[1:])
+        else:
             self._consecutive_skips = 0
+        for scheduler in schedulers:  # every level's schedule follows the energy's steps
+            scheduler.step()
         self._average_batch_norm_statistics()
         if self._writes_log_row():
             terms = {name: value.detach() for name, value in terms.items() if name != "loss"}
             self._log_training(checks + (lower_checks or []), optimizers[0], batch_size=v.shape[-2], extra=terms)
 
-    def _encoder_generator_steps(self, v, latent, generated, optimizers, schedulers):
+    def _lower_state(self, optimizers) -> dict[str, Any] | None:
+        """Copies of the encoder's and the generator's weights and buffers and of their optimizers' states, to
+        restore when a step is skipped (only kept under ``on_nonfinite=skip``)."""
+        if self.on_nonfinite != "skip":
+            return None
+        return copy.deepcopy(
+            {
+                "posterior": self.posterior.state_dict(),
+                "generator": self.generator_net.state_dict(),
+                "optimizers": [optimizer.optimizer.state_dict() for optimizer in optimizers],
+            }
+        )
+
+    def _restore_lower(self, saved: dict[str, Any] | None, optimizers) -> None:
+        if saved is not None:
+            self.posterior.load_state_dict(saved["posterior"])
+            self.generator_net.load_state_dict(saved["generator"])
+            for optimizer, state in zip(optimizers, saved["optimizers"], strict=True):
+                optimizer.optimizer.load_state_dict(state)
+
+    def _encoder_generator_steps(self, v, latent, generated, optimizers):
         """``n_lower_steps`` steps of the encoder and the generator; returns the last step's checks and terms
         (checks None when a non-finite step was skipped)."""
         frozen = frozen_energy(self.model)
@@ -131,8 +159,6 @@ class BidvlModule(BilevelModule):
                 return None, terms
             for optimizer in optimizers:
                 optimizer.optimizer.step()  # the raw optimizer: global_step counts energy steps only
-        for scheduler in schedulers:
-            scheduler.step()
         return checks, terms
 
     def _average_batch_norm_statistics(self) -> None:

@@ -155,13 +155,19 @@ class BilevelModule(pl.LightningModule):
         return self.posterior is not None and any(True for _ in self.posterior.parameters())
 
     def configure_optimizers(self):
-        total_steps = max(int(self.trainer.max_steps), 1)
         # The objective's own parameters (NCE's log-normaliser) are learned with the energy.
         energy_params = [*self.model.parameters(), *self.objective.parameters()]
         optimizers = [self.optim.optimizer(energy_params, self.optim.lr)]
         if self.trains_posterior:
             optimizers.append(self.optim.optimizer(self.posterior.parameters(), self.optim.posterior_lr, "posterior"))
-        return optimizers, [self.optim.scheduler_for(opt, total_steps) for opt in optimizers]
+        return optimizers, self._schedulers(optimizers)
+
+    def _schedulers(self, optimizers: list[torch.optim.Optimizer]) -> list:
+        """Each optimizer's schedule over ``trainer.max_steps``, epochs counted in the datamodule's batches."""
+        total_steps = max(int(self.trainer.max_steps), 1)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        steps_per_epoch = None if datamodule is None else datamodule.batches_per_epoch(self.trainer.world_size)
+        return [self.optim.scheduler_for(opt, total_steps, steps_per_epoch) for opt in optimizers]
 
     def posterior_optimizer(self) -> torch.optim.Optimizer | None:
         """q's optimizer, whose state the next lower steps continue (the gradient bias starts from it): the

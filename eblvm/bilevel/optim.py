@@ -12,7 +12,7 @@ from eblvm.errors import require, require_choice, require_count
 Tensors = dict[str, torch.Tensor]
 
 OPTIMIZERS = ("adam", "sgd")
-SCHEDULERS = ("const", "cosine", "step")
+SCHEDULERS = ("const", "cosine", "step", "epoch")
 
 
 def member_learning_rates(group: dict) -> float | torch.Tensor:
@@ -190,8 +190,9 @@ class OptimConfig:
     posterior's ``posterior_lr`` and ``posterior_betas`` and ``posterior_weight_decay``, each the energy's value
     when null. A generator (BiDVL) is stepped with the posterior by the same optimizer, or by a third one with
     ``generator_lr`` when that is set (the posterior's betas and weight decay). ``scheduler=cosine`` anneals to
-    ``min_lr`` over all training steps; ``step`` multiplies by ``gamma`` every ``step_size`` steps (per epoch: the
-    steps of one epoch). Schedules step once per iteration. ``clip_grad_norm`` (off by default, as in the papers)
+    ``min_lr`` over all training steps; ``step`` multiplies by ``gamma`` every ``step_size`` steps, ``epoch`` every
+    epoch (its steps counted from the data, the batch size and the number of processes). Schedules step once per
+    iteration. ``clip_grad_norm`` (off by default, as in the papers)
     clips the energy's gradient norm.
     """
 
@@ -274,9 +275,17 @@ class OptimConfig:
             return Adam(params, lr=lr, betas=betas, eps=self.eps, weight_decay=weight_decay)
         return SGD(params, lr=lr, momentum=self.momentum, weight_decay=weight_decay)
 
-    def scheduler_for(self, optimizer: torch.optim.Optimizer, total_steps: int):
+    def scheduler_for(self, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int | None = None):
+        """The schedule of ``optimizer`` over ``total_steps`` iterations; ``epoch`` needs ``steps_per_epoch``."""
         if self.scheduler == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=self.min_lr)
-        if self.scheduler == "step":
-            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.step_size, gamma=self.gamma)
+        if self.scheduler in ("step", "epoch"):
+            step_size = self.step_size if self.scheduler == "step" else steps_per_epoch
+            require(
+                step_size is not None and step_size >= 1,
+                "scheduler",
+                self.scheduler,
+                "decays once per epoch, and this run's training data give no epoch length: use scheduler=step",
+            )
+            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=self.gamma)
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)

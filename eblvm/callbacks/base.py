@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from torch import nn
 
 from eblvm.models.base import EnergyModel
 from eblvm.objectives.base import Objective
@@ -42,3 +45,20 @@ def log_image(trainer: pl.Trainer, key: str, path: Path) -> None:
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):
             logger.log_image(key, [str(path)], step=trainer.global_step)
+
+
+@contextlib.contextmanager
+def network_mode(module: nn.Module, mode: str):
+    """``module`` in ``mode`` (``eval``, or ``train``: batch-norm layers normalise with batch statistics) for the
+    block; its buffers (running statistics, power-iteration vectors) and its mode are restored afterwards, so an
+    evaluation in train mode leaves the trained state as it was."""
+    was_training = module.training
+    saved = [buffer.detach().clone() for buffer in module.buffers()]
+    module.train(mode == "train")
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(module.buffers(), saved, strict=True):
+                buffer.copy_(value)
+        module.train(was_training)

@@ -49,6 +49,9 @@ class Figures(EvaluationCallback):
             # 2-D: draws of v show the density; images: E[v|h], the papers' sample figures.
             mean = datamodule.dim != 2
             samples = draw_samples(model, None, self.sampling, self.sampling.n_samples, generator, mean=mean)
-            self.figures["samples"] = plot_samples(samples, train, out / "samples.png", datamodule.image_shape)
+            pixels = datamodule.to_unit
+            self.figures["samples"] = plot_samples(
+                pixels(samples), pixels(train), out / "samples.png", datamodule.image_shape
+            )
         for name, path in self.figures.items():
             log_image(trainer, f"figures/{name}", path)

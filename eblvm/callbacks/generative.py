@@ -3,15 +3,13 @@ out-of-distribution detection by the free energy (docs/methods.md §8)."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
 
-from eblvm.callbacks.base import EvaluationCallback, log_image, stage_of
-from eblvm.errors import ConfigError
+from eblvm.callbacks.base import EvaluationCallback, log_image, network_mode, stage_of
+from eblvm.errors import ConfigError, require
 from eblvm.evaluation.ood import auroc, out_of_distribution_rows
 from eblvm.evaluation.plots import save_image_grid
 from eblvm.evaluation.settings import EvalConfig
@@ -20,23 +18,6 @@ from eblvm.objectives.bidvl import reconstruction_errors
 # Evaluation generator streams (``BilevelModule.evaluation_generator``), apart from images.py's.
 OOD_STREAM = 4
 RECONSTRUCTION_GRID_IMAGES = 32  # images shown beside their reconstructions
-
-
-@contextlib.contextmanager
-def network_mode(module: nn.Module, mode: str):
-    """``module`` in ``mode`` (``eval``, or ``train``: batch-norm layers normalise with batch statistics) for the
-    block; its buffers (running statistics, power-iteration vectors) and its mode are restored afterwards, so an
-    evaluation in train mode leaves the trained state as it was."""
-    was_training = module.training
-    saved = [buffer.detach().clone() for buffer in module.buffers()]
-    module.train(mode == "train")
-    try:
-        yield module
-    finally:
-        with torch.no_grad():
-            for buffer, value in zip(module.buffers(), saved, strict=True):
-                buffer.copy_(value)
-        module.train(was_training)
 
 
 def _split_rows(datamodule, stage: str) -> torch.Tensor:
@@ -123,8 +104,15 @@ class OutOfDistribution(EvaluationCallback):
         return f"folder_{Path(name.split(':', 1)[1]).name}" if name.startswith("folder:") else name
 
     def applies(self, model, posterior, objective, datamodule) -> bool:
-        if not (model.has_free_energy and model.image_shape is not None and self.evaluation.ood_sets):
+        if not self.evaluation.ood_sets:
             return False
+        require(
+            model.has_free_energy and model.image_shape is not None,
+            "evaluation.ood_sets",
+            list(self.evaluation.ood_sets),
+            f"scores images by their free energy, which {type(model).__name__} lacks or does not have for images: "
+            "use []",
+        )
         test = datamodule.to_unit(datamodule.splits.test)
         generator = torch.Generator().manual_seed(OOD_STREAM)
         for name in self.evaluation.ood_sets:

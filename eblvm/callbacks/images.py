@@ -8,12 +8,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from eblvm.callbacks.base import EvaluationCallback, log_image, stage_of
+from eblvm.callbacks.base import EvaluationCallback, log_image, network_mode, stage_of
 from eblvm.errors import require
 from eblvm.evaluation.images import InceptionFeatures, fid_kid, image_features, linear_probe
 from eblvm.evaluation.plots import save_image_grid
 from eblvm.evaluation.settings import EvalConfig
-from eblvm.sampling.draw import SamplingConfig, draw_samples
+from eblvm.sampling.draw import GENERATOR_MODE, SamplingConfig, draw_samples
 
 # Evaluation generator streams (``BilevelModule.evaluation_generator``).
 GRID_STREAM, FID_STREAM = 2, 3
@@ -25,32 +25,37 @@ def _training_rows(datamodule, seed: int) -> torch.Tensor:
     return train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))]
 
 
-def _sample_images(pl_module, sampling: SamplingConfig, rows: torch.Tensor, generator) -> torch.Tensor:
+def _sample_images(
+    pl_module, sampling: SamplingConfig, rows: torch.Tensor, generator, mode: str = "eval"
+) -> torch.Tensor:
     """One sample per row of ``rows`` (the rows whose posterior means ``via_q`` holds h at), as [0, 1] images,
-    drawn in chunks of ``sampling.n_images``."""
+    drawn in chunks of ``sampling.n_images`` with the networks in ``mode`` (``network_mode``)."""
     model, shape = pl_module.model, pl_module.model.image_shape
-    chunks = [
-        draw_samples(
-            model,
-            pl_module.posterior,
-            sampling,
-            len(chunk),
-            generator,
-            chunk.to(pl_module.device),
-            generator_net=pl_module.generator_net,
-        )
-        for chunk in rows.split(sampling.n_images)
-    ]
+    with network_mode(pl_module, mode):
+        chunks = [
+            draw_samples(
+                model,
+                pl_module.posterior,
+                sampling,
+                len(chunk),
+                generator,
+                chunk.to(pl_module.device),
+                generator_net=pl_module.generator_net,
+            )
+            for chunk in rows.split(sampling.n_images)
+        ]
     return pl_module.trainer.datamodule.to_unit(torch.cat(chunks)).reshape(-1, *shape)
 
 
 class SampleGrids(EvaluationCallback):
     """A grid of ``sampling.n_images`` samples at every validation and at the test, saved as
-    ``<run>/samples/<stage>_step<N>.png`` and sent to W&B (rank 0 draws them). Deep energies on images."""
+    ``<run>/samples/<stage>_step<N>.png`` and sent to W&B (rank 0 draws them), with the networks in
+    ``evaluation.network_mode``. Deep energies on images."""
 
-    def __init__(self, sampling: SamplingConfig):
+    def __init__(self, evaluation: EvalConfig, sampling: SamplingConfig):
         super().__init__()
-        self.sampling = sampling
+        self.evaluation, self.sampling = evaluation, sampling
+        self.facts["network_mode"] = evaluation.network_mode
 
     def applies(self, model, posterior, objective, datamodule) -> bool:
         return model.image_shape is not None
@@ -60,7 +65,8 @@ class SampleGrids(EvaluationCallback):
             return
         stage = stage_of(trainer)
         rows = _training_rows(trainer.datamodule, pl_module.seed)[: self.sampling.n_images]
-        grid = _sample_images(pl_module, self.sampling, rows, pl_module.evaluation_generator(GRID_STREAM))
+        generator = pl_module.evaluation_generator(GRID_STREAM)
+        grid = _sample_images(pl_module, self.sampling, rows, generator, self.evaluation.network_mode)
         path = Path(trainer.default_root_dir) / "samples" / f"{stage}_step{trainer.global_step:07d}.png"
         save_image_grid(grid.cpu(), path)
         log_image(trainer, f"{stage}/samples", path)
@@ -90,19 +96,25 @@ class ImageQuality(EvaluationCallback):
     def __init__(self, evaluation: EvalConfig, sampling: SamplingConfig):
         super().__init__()
         self.evaluation, self.sampling = evaluation, sampling
+        self.facts["network_mode"] = evaluation.network_mode
         self._extractor: InceptionFeatures | None = None
         self._real_features: torch.Tensor | None = None
+        self._conditioned = True  # whether samples are drawn from the posteriors of training images (via_q)
 
     def applies(self, model, posterior, objective, datamodule) -> bool:
         if model.image_shape is None or self.evaluation.fid_samples == 0:
             return False
         n_train, n_fid = len(datamodule.train_data), self.evaluation.fid_samples
+        # a generator's samples are conditioned on no training image; via_q's are, on images apart from the real set
+        self._conditioned = not (objective.needs_generator and self.sampling.mode in ("auto", GENERATOR_MODE))
+        limit = n_train // 2 if self._conditioned else n_train
         require(
-            2 * n_fid <= n_train,
+            n_fid <= limit,
             "evaluation.fid_samples",
             n_fid,
-            f"FID compares samples with as many training images, and via_q conditions the samples on other "
-            f"training images: at most {n_train // 2} for {n_train} training rows",
+            "FID compares samples with as many training images"
+            + (", and via_q conditions the samples on other training images" if self._conditioned else "")
+            + f": at most {limit} for {n_train} training rows",
         )
         return True
 
@@ -130,8 +142,9 @@ class ImageQuality(EvaluationCallback):
                 -1, *pl_module.model.image_shape
             )
             self._real_features = self._features(trainer, pl_module, real)[:n]
-        conditioning = self._rank_share(trainer, rows[n : 2 * n])
-        fakes = _sample_images(pl_module, self.sampling, conditioning, pl_module.evaluation_generator(FID_STREAM))
+        conditioning = self._rank_share(trainer, rows[n : 2 * n] if self._conditioned else rows[:n])
+        generator = pl_module.evaluation_generator(FID_STREAM)
+        fakes = _sample_images(pl_module, self.sampling, conditioning, generator, self.evaluation.network_mode)
         fake_features = self._features(trainer, pl_module, fakes)[:n]
         quality = fid_kid(self._real_features, fake_features, self.evaluation.kid_subset_size, pl_module.seed)
         stage = stage_of(trainer)

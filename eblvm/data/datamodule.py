@@ -221,6 +221,11 @@ class EBLVMDataModule(pl.LightningDataModule):
             **batching,
         )
 
+    def batches_per_epoch(self, world_size: int = 1) -> int:
+        """The training batches each process draws in one epoch (``train_dataloader``'s length)."""
+        rows = len(self.train_data) // world_size if world_size > 1 else len(self.train_data)
+        return max(rows // self.batch_size, 1)
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, from a generator seeded with the run's seed (``shuffle_generator``); under
         DDP each rank takes its share of one permutation per epoch. The sampler's state (position, generator,
