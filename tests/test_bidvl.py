@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from unittest import mock
 
 import pytest
@@ -16,7 +17,6 @@ from eblvm.callbacks.base import network_mode
 from eblvm.checkpoints import load_checkpoint
 from eblvm.data import digits
 from eblvm.errors import ConfigError, DivergenceError
-from eblvm.evaluation.images import image_features
 from eblvm.evaluation.ood import auroc, constant_images, pixel_shuffled
 from eblvm.evaluation.settings import EvalConfig
 from eblvm.models import DCGANGenerator, SNConvEnergy
@@ -223,23 +223,35 @@ def test_digits_bidvl_runs_evaluates_and_samples_from_its_generator(tmp_path):
     assert (out / "grid.png").is_file()
 
 
-def test_fid_compares_generator_samples_with_training_images_in_unit_pixels(tmp_path, random_inception_weights):
+class RecordingFeatures(torch.nn.Module):
+    """Stands in for the Inception network: keeps the images it is given, returns random features."""
+
+    seen: list[torch.Tensor] = []
+
+    def __init__(self, weights):
+        super().__init__()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        RecordingFeatures.seen.append(images.detach().clone())
+        return torch.randn(len(images), 4, generator=torch.Generator().manual_seed(len(self.seen)))
+
+
+def test_fid_compares_generator_samples_with_training_images_in_unit_pixels(tmp_path):
     """The FID path sees [0, 1] images: the training images mapped back from [-1, 1], and generator samples."""
-    seen = []
-
-    def recording(extractor, images):
-        seen.append(images.detach().clone())
-        return image_features(extractor, images)
-
-    fid = ["evaluation.fid_samples=8", f"evaluation.inception_weights={random_inception_weights}"]
-    cfg = compose_train_config(tmp_path, FAST_BIDVL + fid)
-    with mock.patch("eblvm.callbacks.images.image_features", recording):
+    weights = tmp_path / "inception.pth"
+    weights.touch()
+    RecordingFeatures.seen = []
+    cfg = compose_train_config(
+        tmp_path, FAST_BIDVL + ["evaluation.fid_samples=8", f"evaluation.inception_weights={weights}"]
+    )
+    with mock.patch("eblvm.callbacks.images.InceptionFeatures", RecordingFeatures):
         summary = run(cfg)
-    assert summary["test/fid"] > 0 and summary["sampling_mode"] == "generator"
+    assert "test/fid" in summary and summary["sampling_mode"] == "generator"
     train = digits().train  # [0, 1], as the FID callback orders it
     expected = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))][:8]
+    seen = RecordingFeatures.seen
     torch.testing.assert_close(seen[0].reshape(8, -1), expected, rtol=0, atol=1e-6)
-    assert all(float(images.min()) >= 0 and float(images.max()) <= 1 for images in seen)
+    assert len(seen) == 3 and all(float(images.min()) >= 0 and float(images.max()) <= 1 for images in seen)
 
 
 @pytest.mark.parametrize(
@@ -331,22 +343,29 @@ def test_bidvl_resumes_exactly(tmp_path):
 
 def test_ddp_ranks_agree_on_weights_and_buffers_and_resume_exactly(tmp_path):
     """Two CPU processes: different noise and batches, the same weights, batch-norm statistics and spectral-norm
-    vectors on both ranks; 4 steps, then 4 more from last.ckpt, end where 8 steps in one go end."""
-    probe = tmp_path / "probe"
+    vectors on both ranks; resumed from its step-4 checkpoint, a run ends where the 8 steps in one go end."""
+    probe, midway = tmp_path / "probe", tmp_path / "midway"
     common = FAST_BIDVL + ["trainer=ddp_cpu", "trainer.val_check_interval=4", "test_checkpoint=last"]
     probed = ["+callbacks.probe._target_=tests.ddp_probe.RankProbe", f"+callbacks.probe.out_dir={probe}"]
-    run(compose_train_config(tmp_path / "whole", common + probed + ["trainer.max_steps=8"]))
+    every_4 = [
+        "+callbacks.midway._target_=pytorch_lightning.callbacks.ModelCheckpoint",
+        f"+callbacks.midway.dirpath={midway}",
+        "+callbacks.midway.every_n_train_steps=4",
+        "+callbacks.midway.save_top_k=-1",
+    ]
+    run(compose_train_config(tmp_path / "whole", common + probed + every_4 + ["trainer.max_steps=8"]))
     ranks = [torch.load(probe / f"rank{k}.pt") for k in (0, 1)]
     assert ranks[0]["seed"] != ranks[1]["seed"]
     assert not torch.equal(ranks[0]["first_batch"], ranks[1]["first_batch"])
     torch.testing.assert_close(ranks[0]["final_state"], ranks[1]["final_state"], rtol=0, atol=0)
     assert any("running_var" in name for name in ranks[0]["final_state"])
+    assert any("weight.0._u" in name for name in ranks[0]["final_state"])
     for name, value in ranks[0]["final_state"].items():
         if "running_mean" in name:
             assert not torch.equal(value, ranks[0]["initial_state"][name]), f"{name} was never updated"
 
-    run(compose_train_config(tmp_path / "split", common + ["trainer.max_steps=4"]))
-    resumed = [f"ckpt_path={tmp_path / 'split' / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=8"]
+    step_4 = shutil.copy(midway / "epoch=0-step=4.ckpt", tmp_path / "step4.ckpt")  # no "=" in an override's value
+    resumed = [f"ckpt_path={step_4}", "trainer.max_steps=8"]
     run(compose_train_config(tmp_path / "split", common + resumed))
     whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")
     split = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")

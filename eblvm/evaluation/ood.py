@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from eblvm.data import celeba, image_folder, svhn
 from eblvm.errors import ConfigError, require
 
 GENERATED_SETS = ("uniform", "constant", "shuffled")
@@ -57,8 +58,6 @@ def pixel_shuffled(rows: torch.Tensor, image_shape: tuple[int, int, int], genera
 
 
 def _file_set(name: str, data_dir: str | os.PathLike | None, image_shape: tuple[int, int, int]) -> torch.Tensor:
-    from eblvm.data import celeba, image_folder, svhn  # the readers of local image files, loaded when used
-
     if name.startswith(FOLDER_PREFIX):
         channels, size, _ = image_shape
         splits = image_folder(name.removeprefix(FOLDER_PREFIX), size=size, grayscale=channels == 1)
