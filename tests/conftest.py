@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -77,6 +78,24 @@ FAST_DEEP = ["experiment=digits_bimdsm", "debug=fast_deep"]
 
 # A few seconds of BiDVL on digits with tiny networks (conf/debug/fast_bidvl.yaml).
 FAST_BIDVL = ["experiment=digits_bidvl", "debug=fast_bidvl"]
+
+
+def checkpoint_every(steps: int, folder: Path) -> list[str]:
+    """Overrides that also save a checkpoint every ``steps`` steps into ``folder/every`` (what a run interrupted at
+    one of those steps resumes from: ``saved_at``)."""
+    return [
+        "+callbacks.every._target_=pytorch_lightning.callbacks.ModelCheckpoint",
+        f"+callbacks.every.dirpath={folder / 'every'}",
+        f"+callbacks.every.every_n_train_steps={steps}",
+        "+callbacks.every.save_top_k=-1",
+    ]
+
+
+def saved_at(step: int, folder: Path) -> Path:
+    """The checkpoint ``checkpoint_every`` saved at ``step``, copied to ``folder/step<step>.ckpt`` (Lightning's name
+    holds "=", which a Hydra override's value cannot)."""
+    (saved,) = (folder / "every").glob(f"*-step={step}.ckpt")
+    return Path(shutil.copy(saved, folder / f"step{step}.ckpt"))
 
 
 def compose_train_config(output_dir: Path, overrides: list[str]) -> DictConfig:

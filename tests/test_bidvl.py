@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from unittest import mock
 
 import pytest
@@ -26,7 +25,7 @@ from eblvm.objectives.estimators import frozen_energy
 from eblvm.posteriors import GaussianEncoderPosterior
 from eblvm.run import run
 from eblvm.sample import sample
-from tests.conftest import FAST_BIDVL, compose_train_config
+from tests.conftest import FAST_BIDVL, checkpoint_every, compose_train_config, saved_at
 from tests.test_resume import assert_resumes_exactly
 
 IMAGE = (1, 8, 8)
@@ -344,16 +343,14 @@ def test_bidvl_resumes_exactly(tmp_path):
 def test_ddp_ranks_agree_on_weights_and_buffers_and_resume_exactly(tmp_path):
     """Two CPU processes: different noise and batches, the same weights, batch-norm statistics and spectral-norm
     vectors on both ranks; resumed from its step-4 checkpoint, a run ends where the 8 steps in one go end."""
-    probe, midway = tmp_path / "probe", tmp_path / "midway"
+    probe = tmp_path / "probe"
     common = FAST_BIDVL + ["trainer=ddp_cpu", "trainer.val_check_interval=4", "test_checkpoint=last"]
     probed = ["+callbacks.probe._target_=tests.ddp_probe.RankProbe", f"+callbacks.probe.out_dir={probe}"]
-    every_4 = [
-        "+callbacks.midway._target_=pytorch_lightning.callbacks.ModelCheckpoint",
-        f"+callbacks.midway.dirpath={midway}",
-        "+callbacks.midway.every_n_train_steps=4",
-        "+callbacks.midway.save_top_k=-1",
-    ]
-    run(compose_train_config(tmp_path / "whole", common + probed + every_4 + ["trainer.max_steps=8"]))
+    run(
+        compose_train_config(
+            tmp_path / "whole", common + probed + checkpoint_every(4, tmp_path) + ["trainer.max_steps=8"]
+        )
+    )
     ranks = [torch.load(probe / f"rank{k}.pt") for k in (0, 1)]
     assert ranks[0]["seed"] != ranks[1]["seed"]
     assert not torch.equal(ranks[0]["first_batch"], ranks[1]["first_batch"])
@@ -364,8 +361,7 @@ def test_ddp_ranks_agree_on_weights_and_buffers_and_resume_exactly(tmp_path):
         if "running_mean" in name:
             assert not torch.equal(value, ranks[0]["initial_state"][name]), f"{name} was never updated"
 
-    step_4 = shutil.copy(midway / "epoch=0-step=4.ckpt", tmp_path / "step4.ckpt")  # no "=" in an override's value
-    resumed = [f"ckpt_path={step_4}", "trainer.max_steps=8"]
+    resumed = [f"ckpt_path={saved_at(4, tmp_path)}", "trainer.max_steps=8"]
     run(compose_train_config(tmp_path / "split", common + resumed))
     whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")
     split = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")

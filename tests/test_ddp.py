@@ -11,7 +11,7 @@ import torch
 
 from eblvm.checkpoints import load_checkpoint, own_rank_state
 from eblvm.run import _lightning_callbacks, run
-from tests.conftest import FAST_RUN, compose_train_config
+from tests.conftest import FAST_RUN, checkpoint_every, compose_train_config, saved_at
 
 DDP = ["trainer=ddp_cpu"]
 
@@ -94,11 +94,11 @@ def test_ddp_checkpoint_keeps_every_ranks_persistent_chains(tmp_path):
 @pytest.mark.parametrize("objective", ["pcd", "vages"])
 def test_ddp_interrupt_and_resume_equals_the_uninterrupted_run(tmp_path, objective):
     """Two CPU processes, PCD (per-rank chains, noise generators and data order) and VaGES (per-rank particles, q
-    trained on each rank's batch): 20 steps, then 20 more from last.ckpt, end where 40 steps in one go end."""
+    trained on each rank's batch): resumed from the checkpoint at step 20 of a 40-step run, a run ends where the
+    40 steps in one go end."""
     common = FAST_RUN + DDP + [f"objective={objective}", "trainer.val_check_interval=10", "test_checkpoint=last"]
-    run(compose_train_config(tmp_path / "whole", common + ["trainer.max_steps=40"]))
-    run(compose_train_config(tmp_path / "split", common + ["trainer.max_steps=20"]))
-    resumed = [f"ckpt_path={tmp_path / 'split' / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=40"]
+    run(compose_train_config(tmp_path / "whole", common + checkpoint_every(20, tmp_path) + ["trainer.max_steps=40"]))
+    resumed = [f"ckpt_path={saved_at(20, tmp_path)}", "trainer.max_steps=40"]
     run(compose_train_config(tmp_path / "split", common + resumed))
     whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")
     split = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")
