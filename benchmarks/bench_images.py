@@ -67,7 +67,7 @@ def bidvl_module(spec: dict):
     return BidvlModule(model, encoder, generator, objective, optim, seed=0)
 
 
-def sampling_ms_per_step(module, spec: dict, batch: int, data, langevin_steps: int, device: str) -> float:
+def sampling_ms_per_step(module, batch: int, data, langevin_steps: int, device: str) -> float:
     """One Langevin step at ``batch`` (BiMDSM, via q), or one generator pass of ``batch`` images (BiDVL)."""
     import torch
 
@@ -116,7 +116,7 @@ def measure(net: str, steps: int, warmup: int, batch: int, langevin_steps: int, 
     quiet_trainer(device, steps + warmup, [timer], devices=1).fit(module, loader)
     train_peak_mb = peak_memory_mb(device, baseline_mb)
     seconds = statistics.median(timer.durations[warmup:])
-    step_ms = sampling_ms_per_step(module, spec, batch, data, langevin_steps, device)
+    step_ms = sampling_ms_per_step(module, batch, data, langevin_steps, device)
     sample_steps = 1 if module.generator_net is not None else 2700
     return {
         "net": net,

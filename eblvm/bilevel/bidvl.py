@@ -7,7 +7,6 @@ evaluation callbacks are the same machinery.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -88,7 +87,7 @@ class BidvlModule(BilevelModule):
     def training_step(self, v: torch.Tensor, batch_idx: int) -> None:
         optimizers = self._as_list(self.optimizers())
         schedulers = self._as_list(self.lr_schedulers())
-        saved = self._lower_state(optimizers[1:])
+        saved = self._skip_snapshot(self._lower_networks(), optimizers[1:])
         latent = self._latent(v, self.generator)
         generated = self.generator_net(latent)
         upper = self.objective.upper_loss(self.model.free_energy, v, generated)
@@ -97,14 +96,15 @@ class BidvlModule(BilevelModule):
         checks = [("higher loss", upper.detach()), ("higher gradient norm", self._grad_norm(self.model.parameters()))]
         if not self._finite(checks):
             optimizers[0].zero_grad(set_to_none=True)
-            self._restore_lower(saved, optimizers[1:])  # the generator's batch-norm statistics saw the batch
+            # the generator's batch-norm statistics saw the batch
+            self._restore_snapshot(saved, self._lower_networks(), optimizers[1:])
             return
         if self.optim.clip_grad_norm is not None:
             self._clip(optimizers[0])
         optimizers[0].step()
         lower_checks, terms = self._encoder_generator_steps(v, latent, generated, optimizers[1:])
         if lower_checks is None:
-            self._restore_lower(saved, optimizers[1:])
+            self._restore_snapshot(saved, self._lower_networks(), optimizers[1:])
         else:
             self._consecutive_skips = 0
         for scheduler in schedulers:  # every level's schedule follows the energy's steps
@@ -114,25 +114,8 @@ class BidvlModule(BilevelModule):
             terms = {name: value.detach() for name, value in terms.items() if name != "loss"}
             self._log_training(checks + (lower_checks or []), optimizers[0], batch_size=v.shape[-2], extra=terms)
 
-    def _lower_state(self, optimizers) -> dict[str, Any] | None:
-        """Copies of the encoder's and the generator's weights and buffers and of their optimizers' states, to
-        restore when a step is skipped (only kept under ``on_nonfinite=skip``)."""
-        if self.on_nonfinite != "skip":
-            return None
-        return copy.deepcopy(
-            {
-                "posterior": self.posterior.state_dict(),
-                "generator": self.generator_net.state_dict(),
-                "optimizers": [optimizer.optimizer.state_dict() for optimizer in optimizers],
-            }
-        )
-
-    def _restore_lower(self, saved: dict[str, Any] | None, optimizers) -> None:
-        if saved is not None:
-            self.posterior.load_state_dict(saved["posterior"])
-            self.generator_net.load_state_dict(saved["generator"])
-            for optimizer, state in zip(optimizers, saved["optimizers"], strict=True):
-                optimizer.optimizer.load_state_dict(state)
+    def _lower_networks(self) -> list[nn.Module]:
+        return [self.posterior, self.generator_net]
 
     def _encoder_generator_steps(self, v, latent, generated, optimizers):
         """``n_lower_steps`` steps of the encoder and the generator; returns the last step's checks and terms

@@ -217,24 +217,37 @@ class BilevelModule(pl.LightningModule):
             )
         return False
 
-    def _posterior_state(self, optimizer, scheduler) -> dict[str, Any] | None:
-        """Copies of q's weights, optimizer and scheduler, to restore when an iteration is skipped (only kept
-        under ``on_nonfinite=skip``)."""
-        if self.on_nonfinite != "skip" or not self.trains_posterior:
+    def _skip_snapshot(self, modules: list[nn.Module], optimizers, schedulers=()) -> dict[str, Any] | None:
+        """Copies of ``modules``' weights and buffers and of the states of their (Lightning-wrapped) optimizers and
+        schedulers, to restore when an iteration is skipped (only kept under ``on_nonfinite=skip``)."""
+        if self.on_nonfinite != "skip":
             return None
         return copy.deepcopy(
             {
-                "posterior": self.posterior.state_dict(),
-                "optimizer": optimizer.optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "modules": [module.state_dict() for module in modules],
+                "optimizers": [optimizer.optimizer.state_dict() for optimizer in optimizers],
+                "schedulers": [scheduler.state_dict() for scheduler in schedulers],
             }
         )
 
+    @staticmethod
+    def _restore_snapshot(saved: dict[str, Any] | None, modules: list[nn.Module], optimizers, schedulers=()) -> None:
+        """Put back what ``_skip_snapshot`` copied (nothing when it kept nothing)."""
+        if saved is None:
+            return
+        for module, state in zip(modules, saved["modules"], strict=True):
+            module.load_state_dict(state)
+        for optimizer, state in zip(optimizers, saved["optimizers"], strict=True):
+            optimizer.optimizer.load_state_dict(state)
+        for scheduler, state in zip(schedulers, saved["schedulers"], strict=True):
+            scheduler.load_state_dict(state)
+
+    def _posterior_state(self, optimizer, scheduler) -> dict[str, Any] | None:
+        """Copies of q's weights, optimizer and scheduler before the iteration (``_skip_snapshot``)."""
+        return self._skip_snapshot([self.posterior], [optimizer], [scheduler]) if self.trains_posterior else None
+
     def _restore_posterior(self, saved: dict[str, Any] | None, optimizer, scheduler) -> None:
-        if saved is not None:
-            self.posterior.load_state_dict(saved["posterior"])
-            optimizer.optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
+        self._restore_snapshot(saved, [self.posterior], [optimizer], [scheduler])
 
     def _lower_level(self, v: torch.Tensor, optimizer, scheduler) -> list[tuple[str, torch.Tensor]]:
         """``n_lower_steps`` steps of q with the energy held fixed (its weights detached, so DDP sees them unused);

@@ -25,9 +25,7 @@ def _training_rows(datamodule, seed: int) -> torch.Tensor:
     return train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))]
 
 
-def _sample_images(
-    pl_module, sampling: SamplingConfig, rows: torch.Tensor, generator, mode: str = "eval"
-) -> torch.Tensor:
+def _sample_images(pl_module, sampling: SamplingConfig, rows: torch.Tensor, generator, mode: str) -> torch.Tensor:
     """One sample per row of ``rows`` (the rows whose posterior means ``via_q`` holds h at), as [0, 1] images,
     drawn in chunks of ``sampling.n_images`` with the networks in ``mode`` (``network_mode``)."""
     model, shape = pl_module.model, pl_module.model.image_shape
