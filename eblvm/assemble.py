@@ -242,7 +242,8 @@ def check_pairing(
 @dataclass
 class RunParts:
     """What a run's config builds. ``datamodule`` is None when built without data (``data_shapes`` then come
-    from a checkpoint); ``evaluation_callbacks`` holds the configured evaluation callbacks that apply."""
+    from a checkpoint); ``evaluation_callbacks`` holds the configured evaluation callbacks that apply; ``generator``
+    is the network of an objective that trains one (BiDVL)."""
 
     config: DictConfig
     datamodule: Any
@@ -300,7 +301,8 @@ def build_evaluation_callbacks(cfg: DictConfig, parts: RunParts) -> list[Evaluat
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None or not issubclass(get_object(node._target_), EvaluationCallback):
             continue
-        callback = instantiate_node(f"callbacks.{name}", node, evaluation=parts.evaluation, sampling=parts.sampling)
+        settings = {"evaluation": parts.evaluation, "sampling": parts.sampling, "sampling_mode": parts.sampling_mode}
+        callback = instantiate_node(f"callbacks.{name}", node, **settings)
         if callback.applies(parts.model, parts.posterior, parts.objective, parts.datamodule):
             callbacks.append(callback)
     return callbacks
@@ -337,16 +339,20 @@ def assemble(
         "gibbs" if model.has_gibbs_sampler else _resolve_sampling_mode(sampling, model, posterior, generator)
     )
     parts = RunParts(
-        cfg, datamodule, data_shapes, model, posterior, objective, optim, evaluation, sampling, sampling_mode
+        cfg,
+        datamodule,
+        data_shapes,
+        model,
+        posterior,
+        objective,
+        optim,
+        evaluation,
+        sampling,
+        sampling_mode,
+        generator=generator,
     )
-    parts.generator = generator
     if datamodule is not None:
-        require(
-            not objective.needs_generator or datamodule.pixel_range == "symmetric",
-            "data.pixel_range",
-            datamodule.pixel_range,
-            f"{type(objective).__name__}'s generator ends in tanh: train on [-1, 1] with data.pixel_range=symmetric",
-        )
+        objective.check_data(datamodule)
         parts.evaluation_callbacks = build_evaluation_callbacks(cfg, parts)
         _check_monitor(cfg, parts)
         objective.prepare(datamodule.train_data)

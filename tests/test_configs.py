@@ -109,7 +109,7 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         assert posterior.h_dim == model.h_dim
     if not (group == "posterior" and option == "gaussian_mlp"):  # continuous q cannot pair with a GRBM
         check_pairing(model, posterior, objective, generator)
-    settings = {"evaluation": EvalConfig(), "sampling": SamplingConfig()}
+    settings = {"evaluation": EvalConfig(), "sampling": SamplingConfig(), "sampling_mode": "via_q"}
     for name, node in [*(cfg.logger or {}).items(), *cfg.callbacks.items()]:
         instantiate_node(name, node, **settings)
     if cfg.trainer.accelerator == "gpu":

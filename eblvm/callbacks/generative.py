@@ -15,8 +15,8 @@ from eblvm.evaluation.plots import save_image_grid
 from eblvm.evaluation.settings import EvalConfig
 from eblvm.objectives.bidvl import reconstruction_errors
 
-# Evaluation generator streams (``BilevelModule.evaluation_generator``), apart from images.py's.
-OOD_STREAM = 4
+# The seed of the generated out-of-distribution sets (uniform, constant, shuffled): the same sets for every run.
+OOD_SET_SEED = 4
 RECONSTRUCTION_GRID_IMAGES = 32  # images shown beside their reconstructions
 
 
@@ -114,7 +114,7 @@ class OutOfDistribution(EvaluationCallback):
             "use []",
         )
         test = datamodule.to_unit(datamodule.splits.test)
-        generator = torch.Generator().manual_seed(OOD_STREAM)
+        generator = torch.Generator().manual_seed(OOD_SET_SEED)
         for name in self.evaluation.ood_sets:
             try:
                 rows = out_of_distribution_rows(

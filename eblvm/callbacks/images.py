@@ -91,20 +91,19 @@ class ImageQuality(EvaluationCallback):
 
     logged = ("fid", "kid_mean", "kid_std")
 
-    def __init__(self, evaluation: EvalConfig, sampling: SamplingConfig):
+    def __init__(self, evaluation: EvalConfig, sampling: SamplingConfig, sampling_mode: str):
         super().__init__()
         self.evaluation, self.sampling = evaluation, sampling
         self.facts["network_mode"] = evaluation.network_mode
         self._extractor: InceptionFeatures | None = None
         self._real_features: torch.Tensor | None = None
-        self._conditioned = True  # whether samples are drawn from the posteriors of training images (via_q)
+        # via_q's samples are conditioned on training images apart from the real set; a generator's on none
+        self._conditioned = sampling_mode != GENERATOR_MODE
 
     def applies(self, model, posterior, objective, datamodule) -> bool:
         if model.image_shape is None or self.evaluation.fid_samples == 0:
             return False
         n_train, n_fid = len(datamodule.train_data), self.evaluation.fid_samples
-        # a generator's samples are conditioned on no training image; via_q's are, on images apart from the real set
-        self._conditioned = not (objective.needs_generator and self.sampling.mode in ("auto", GENERATOR_MODE))
         limit = n_train // 2 if self._conditioned else n_train
         require(
             n_fid <= limit,

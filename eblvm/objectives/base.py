@@ -49,6 +49,9 @@ class Objective(nn.Module):
     def prepare(self, train_data: torch.Tensor) -> None:
         """Called once with the training data before training (e.g. to fit a noise distribution)."""
 
+    def check_data(self, datamodule) -> None:
+        """Raise ``ConfigError`` if this objective cannot train on ``datamodule``'s data (e.g. its pixel scale)."""
+
     def check_model(self, model: EnergyModel, latent_type: str | None) -> None:
         """Raise ``ConfigError`` if this objective cannot train ``model`` (posterior latents ``latent_type``)."""
 

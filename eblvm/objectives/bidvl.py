@@ -85,6 +85,14 @@ class BiDVL(Objective):
             "BiDVL's encoder is Gaussian: use posterior=gaussian_encoder",
         )
 
+    def check_data(self, datamodule) -> None:
+        require(
+            datamodule.pixel_range == "symmetric",
+            "data.pixel_range",
+            datamodule.pixel_range,
+            "BiDVL's generator ends in tanh: train on [-1, 1] with data.pixel_range=symmetric",
+        )
+
     def cycle_weight(self, h_dim: int) -> float:
         return 1.0 / h_dim if self.lambda_cycle is None else self.lambda_cycle
 
