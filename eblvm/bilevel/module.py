@@ -184,7 +184,9 @@ class BilevelModule(pl.LightningModule):
     # training -------------------------------------------------------------------------------------------------
     def _grad_norm(self, params) -> torch.Tensor:
         grads = [p.grad for p in params if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # one norm of all of them
 
     def _backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``, through Lightning's ``manual_backward`` where it does more than that: under DDP

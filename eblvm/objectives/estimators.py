@@ -128,7 +128,10 @@ class BiSMScore(ScoreEstimator):
 
         def score(v: torch.Tensor) -> torch.Tensor:
             sample = q.rsample(q(v.detach()), n_particles, generator)
-            v_per_particle = v.expand((n_particles,) + v.shape)
+            if n_particles == 1:  # one particle: no particle axis, so no broadcast is differentiated twice
+                sample, v_per_particle = sample.squeeze(0), v
+            else:
+                v_per_particle = v.expand((n_particles,) + v.shape)
             h = q.latent(sample)
             log_joint = -model(v_per_particle, h) - q.log_prob(sample, q(v_per_particle), h)
             (grad,) = torch.autograd.grad(log_joint.sum(), v_per_particle, create_graph=True)

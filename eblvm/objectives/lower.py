@@ -27,10 +27,12 @@ def importance_weighted_loss(
     """
     dist = q(v)
     sample = q.rsample(dist, n_samples, generator)
+    if n_samples == 1:  # the ELBO: its one draw without the particle axis, so no broadcast is differentiated
+        sample = sample.squeeze(0)
+        h = q.latent(sample)
+        return energy(v, h) + q.log_prob(sample, dist, h)
     h = q.latent(sample)
     log_weights = -energy(v, h) - q.log_prob(sample, dist, h)
-    if n_samples == 1:  # logsumexp over one sample is that sample: the ELBO, without the reduction's cost
-        return -log_weights[0]
     return -(torch.logsumexp(log_weights, dim=0) - math.log(n_samples))
 
 
