@@ -25,10 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Method:
-    """One row of a study: a name and the ``train.py`` overrides that select it."""
+    """One row of a study: a name, the ``train.py`` overrides that select it, and its cost per training step
+    relative to the study's other methods (a study starts its costliest methods first)."""
 
     name: str
     overrides: tuple[str, ...]
+    cost: float = 1.0
 
 
 def threads_per_job(jobs: int) -> int:
@@ -43,9 +45,10 @@ def threads_per_job(jobs: int) -> int:
     return int(outer)
 
 
-def _run_all(commands: dict[str, tuple[list[str], Path]], jobs: int) -> float:
+def _run_all(commands: dict[str, tuple[list[str], Path]], jobs: int, costs: dict[str, float]) -> float:
     """Run each named ``train.py`` command (its output folder beside it), ``jobs`` side by side, each with
-    ``threads_per_job(jobs)`` threads; a failure is reported with its log file and stops the study. Returns the
+    ``threads_per_job(jobs)`` threads, the costliest first (longest first keeps the last job from running alone
+    while the other queues sit idle); a failure is reported with its log file and stops the study. Returns the
     wall-clock seconds."""
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_job(jobs))}
@@ -62,7 +65,7 @@ def _run_all(commands: dict[str, tuple[list[str], Path]], jobs: int) -> float:
             raise RuntimeError(f"{name} failed: see {log}")
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(run_one, commands))
+        list(pool.map(run_one, sorted(commands, key=lambda name: -costs[name])))
     return time.perf_counter() - start
 
 
@@ -82,7 +85,7 @@ def launch(
         if not any(override.startswith("hydra.sweep.subdir=") for override in method.overrides):
             command.append("hydra.sweep.subdir=seed_${seed}")
         commands[method.name] = (command, out)
-    return _run_all(commands, jobs)
+    return _run_all(commands, jobs, {method.name: method.cost for method in methods})
 
 
 def launch_ensembles(
@@ -99,7 +102,7 @@ def launch_ensembles(
             command += [f"ensemble.size={len(seeds)}", f"ensemble.seeds=[{','.join(map(str, seeds))}]"]
         command.append(f"hydra.run.dir={out}")
         commands[method.name] = (command, out)
-    return _run_all(commands, jobs)
+    return _run_all(commands, jobs, {method.name: method.cost for method in methods})
 
 
 def collect(method_dir: Path) -> list[dict]:

@@ -40,28 +40,33 @@ from eblvm.checkpoints import load_checkpoint  # noqa: E402
 from eblvm.evaluation.plots import plot_density_grid, save_figure  # noqa: E402
 from eblvm.studies import Method, code_version, collect, launch_ensembles, load_model, provenance  # noqa: E402
 
+# Each method's cost is its seconds per 1000 steps in the 20k study (results.md, results_vages.md): the study
+# starts the costliest first, so that both queues finish together.
 BISM_METHODS = (
-    Method("BiDSM N=0", ("experiment=checkerboard_bidsm", "objective.n_unroll=0")),
-    Method("BiDSM N=5", ("experiment=checkerboard_bidsm",)),
-    Method("BiDSM N=10", ("experiment=checkerboard_bidsm", "objective.n_unroll=10")),
-    Method("BiSSM", ("experiment=checkerboard_bissm",)),
-    Method("DSM", ("experiment=checkerboard_dsm",)),
-    Method("SSM", ("experiment=checkerboard_ssm",)),
-    Method("CD-1", ("experiment=checkerboard_cd", "objective.k=1")),
-    Method("CD-5", ("experiment=checkerboard_cd", "objective.k=5")),
-    Method("CD-10", ("experiment=checkerboard_cd", "objective.k=10")),
-    Method("PCD-1", ("experiment=checkerboard_pcd",)),
+    Method("BiDSM N=0", ("experiment=checkerboard_bidsm", "objective.n_unroll=0"), cost=6.5),
+    Method("BiDSM N=5", ("experiment=checkerboard_bidsm",), cost=12.3),
+    Method("BiDSM N=10", ("experiment=checkerboard_bidsm", "objective.n_unroll=10"), cost=18.9),
+    Method("BiSSM", ("experiment=checkerboard_bissm",), cost=13.6),
+    Method("DSM", ("experiment=checkerboard_dsm",), cost=1.4),
+    Method("SSM", ("experiment=checkerboard_ssm",), cost=1.4),
+    Method("CD-1", ("experiment=checkerboard_cd", "objective.k=1"), cost=1.5),
+    Method("CD-5", ("experiment=checkerboard_cd", "objective.k=5"), cost=2.0),
+    Method("CD-10", ("experiment=checkerboard_cd", "objective.k=10"), cost=2.6),
+    Method("PCD-1", ("experiment=checkerboard_pcd",), cost=1.5),
     # NCE and VNCE with the paper's noise N(0, I) (objective.noise=standard_normal, set by their experiment files).
-    Method("NCE", ("experiment=checkerboard_nce",)),
-    Method("VNCE", ("experiment=checkerboard_vnce",)),
+    Method("NCE", ("experiment=checkerboard_nce",), cost=1.8),
+    Method("VNCE", ("experiment=checkerboard_vnce",), cost=6.1),
 )
 
 VAGES_METHODS = (
-    Method("VaGES-DSM L=2 K=5", ("experiment=checkerboard_vagesdsm",)),
-    Method("KSD", ("experiment=checkerboard_ksd",)),
-    *(Method(f"IS-KSD K={k}", ("experiment=checkerboard_is_ksd", f"objective.n_proposals={k}")) for k in (2, 5, 10)),
+    Method("VaGES-DSM L=2 K=5", ("experiment=checkerboard_vagesdsm",), cost=4.2),
+    Method("KSD", ("experiment=checkerboard_ksd",), cost=0.8),
     *(
-        Method(f"VaGES-KSD L={n}", ("experiment=checkerboard_vagesksd", f"objective.n_particles={n}"))
+        Method(f"IS-KSD K={k}", ("experiment=checkerboard_is_ksd", f"objective.n_proposals={k}"), cost=1.4)
+        for k in (2, 5, 10)
+    ),
+    *(
+        Method(f"VaGES-KSD L={n}", ("experiment=checkerboard_vagesksd", f"objective.n_particles={n}"), cost=5.7)
         for n in (2, 5, 10)
     ),
 )
@@ -273,7 +278,7 @@ def main() -> None:
     if not args.aggregate_only:
         seeds = study.seeds[args.setting]
         print(f"checkerboard study ({study.paper}), {args.setting}: {len(methods)} methods x {len(seeds)} seeds")
-        named = [Method(directory_name(m), m.overrides) for m in methods]
+        named = [Method(directory_name(m), m.overrides, m.cost) for m in methods]
         seconds = launch_ensembles(named, SETTINGS[args.setting] + ALWAYS, seeds, runs_dir, args.jobs)
     command = "python experiments/checkerboard/study.py " + " ".join(sys.argv[1:])
     print(f"wrote {aggregate(study, args.setting, args.out, command.strip(), version, seconds)}")
