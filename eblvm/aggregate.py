@@ -4,6 +4,7 @@ study scripts (``experiments/*/study.py``) share these functions."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -66,12 +67,22 @@ def group_by_setting(runs: Iterable[tuple[Sequence[str], Run]]) -> dict[tuple[st
     return groups
 
 
+def mean_and_stdev(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and sample standard deviation of ``values`` (0 for one value). A non-finite value (a diverged
+    run's loss, an infinite divergence) makes the mean non-finite and the deviation nan, where ``statistics``
+    would raise."""
+    if not all(math.isfinite(value) for value in values):
+        return sum(values) / len(values), math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def mean_std(values: Sequence[float], fmt: str = "+.3f") -> str:
     """``mean ± sample standard deviation`` of ``values`` (the value alone for one), the mean formatted by ``fmt``
     and the deviation by ``fmt`` without its sign."""
     if len(values) == 1:
         return f"{values[0]:{fmt}}"
-    return f"{statistics.fmean(values):{fmt}} ± {statistics.stdev(values):{_unsigned(fmt)}}"
+    mean, stdev = mean_and_stdev(values)
+    return f"{mean:{fmt}} ± {stdev:{_unsigned(fmt)}}"
 
 
 def _unsigned(fmt: str) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from eblvm.aggregate import mean_and_stdev
 from eblvm.assemble import RunParts, assemble, build_dataclass, instantiate_node
 from eblvm.atomic import write_json
 from eblvm.bilevel.ensemble import EnsembleModule
@@ -411,8 +411,7 @@ def _mean_and_std(summaries: list[dict[str, Any]]) -> tuple[dict[str, float], di
     means, stds = {}, {}
     for key in keys:
         values = [summary[key] for summary in summaries if isinstance(summary.get(key), float)]
-        means[key] = statistics.fmean(values)
-        stds[key] = statistics.stdev(values) if len(values) > 1 else 0.0
+        means[key], stds[key] = mean_and_stdev(values)
     return means, stds
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 from eblvm.aggregate import (
     METRICS,
     group_by_setting,
     job_cells,
     job_metrics,
+    mean_and_stdev,
     mean_std,
     mean_std_cells,
     present_metrics,
@@ -56,3 +58,13 @@ def test_cells_hold_the_metrics_present_with_the_log_likelihoods_ais_stderr():
     assert job_cells(image_run, columns) == ["", "12.35", "10.00"]
     assert mean_std_cells([image_run, grbm_run], columns) == ["-1.000", "12.35", "6.00 ± 5.66"]
     assert mean_std_cells([], METRICS) == ["", "", "", ""]
+
+
+def test_a_non_finite_value_gives_a_non_finite_mean_instead_of_an_error():
+    """An ensemble member or a run with an infinite metric (an infinite KL, a diverged loss): the summary is
+    still written, its mean non-finite and its deviation nan (``statistics.stdev`` raises on inf)."""
+    mean, stdev = mean_and_stdev([0.5, math.inf, 1.5])
+    assert mean == math.inf and math.isnan(stdev)
+    assert mean_and_stdev([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_and_stdev([4.0]) == (4.0, 0.0)
+    assert mean_std([0.5, math.inf], ".2f") == "inf ± nan"

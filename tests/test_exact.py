@@ -21,7 +21,7 @@ from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
 from eblvm.bilevel.module import BilevelModule
 from eblvm.bilevel.optim import SGD, Adam, OptimConfig
 from eblvm.bilevel.unroll import unroll
-from eblvm.evaluation.posterior import gradient_bias, posterior_gap
+from eblvm.evaluation.posterior import gradient_bias, kl_divergence, posterior_gap
 from eblvm.objectives import ContrastiveDivergence, ScoreMatching
 from eblvm.objectives.estimators import BiSMScore
 from eblvm.objectives.lower import importance_weighted_loss
@@ -489,3 +489,18 @@ def test_gradient_bias_with_the_exact_posterior_is_zero(float64):
     assert result.bias <= 3 * result.stderr + 1e-12  # rounding alone: each g_r equals g*_r to ~1e-16
     assert result.relative_bias < 1e-10
     assert float(posterior_gap(model, posterior, v)) < 1e-12
+
+
+def test_the_bernoulli_kl_stays_finite_where_the_exact_posterior_saturates():
+    """KL between factorised Bernoullis from their logits: torch's own in float64, where nothing rounds, and
+    finite in float32 where p's probability rounds to 1 (logit 30), which torch's formula turns into inf (a
+    BiSSM ensemble member's test posterior gap at 100k steps)."""
+    a, b = torch.tensor([[5.0, -3.0, 0.5]]), torch.tensor([[30.0, -2.0, 1.0]])
+
+    def bernoulli(logits):
+        return torch.distributions.Independent(torch.distributions.Bernoulli(logits=logits), 1)
+
+    assert torch.isinf(torch.distributions.kl_divergence(bernoulli(a), bernoulli(b))).all()
+    reference = torch.distributions.kl_divergence(bernoulli(a.double()), bernoulli(b.double()))
+    torch.testing.assert_close(kl_divergence(bernoulli(a), bernoulli(b)).double(), reference, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(kl_divergence(bernoulli(a.double()), bernoulli(b.double())), reference)

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Independent
 
 from eblvm.bilevel.unroll import unroll
 from eblvm.models.base import EnergyModel
@@ -21,12 +23,32 @@ def has_posterior_gap(model: EnergyModel, posterior: Posterior | None) -> bool:
     return posterior is not None and model.has_exact_posterior and posterior.latent_type == model.latent_type
 
 
+def _factorised_bernoulli_logits(dist: torch.distributions.Distribution) -> torch.Tensor | None:
+    """The logits of a factorised Bernoulli (``Independent(Bernoulli)`` over the last axis), else None."""
+    if isinstance(dist, Independent) and isinstance(dist.base_dist, Bernoulli) and dist.reinterpreted_batch_ndims == 1:
+        return dist.base_dist.logits
+    return None
+
+
+def kl_divergence(q: torch.distributions.Distribution, p: torch.distributions.Distribution) -> torch.Tensor:
+    """``KL(q ‖ p)`` by ``torch.distributions.kl_divergence``, except between factorised Bernoullis, whose
+    divergence is computed from the logits ``a`` of q and ``b`` of p:
+    ``Σ_j σ(a_j)(softplus(−b_j) − softplus(−a_j)) + σ(−a_j)(softplus(b_j) − softplus(a_j))``. torch's formula
+    sets a term to inf where p's probability rounds to exactly 0 or 1 (float32 logits beyond about ±17), though the
+    divergence is finite for all finite logits."""
+    a, b = _factorised_bernoulli_logits(q), _factorised_bernoulli_logits(p)
+    if a is None or b is None:
+        return torch.distributions.kl_divergence(q, p)
+    terms = torch.sigmoid(a) * (F.softplus(-b) - F.softplus(-a)) + torch.sigmoid(-a) * (F.softplus(b) - F.softplus(a))
+    return terms.sum(-1)
+
+
 @torch.no_grad()
 def posterior_gap(model: EnergyModel, posterior: Posterior, v: torch.Tensor) -> torch.Tensor:
-    """Mean ``KL(q(h|v) ‖ p(h|v))`` over ``v`` (``torch.distributions.kl_divergence`` of ``posterior.distribution``
-    and ``model.exact_posterior``); a relaxed-Bernoulli q is compared through its logits."""
+    """Mean ``KL(q(h|v) ‖ p(h|v))`` over ``v`` (``kl_divergence`` of ``posterior.distribution`` and
+    ``model.exact_posterior``); a relaxed-Bernoulli q is compared through its logits."""
     q = posterior.distribution(posterior(v))
-    return torch.distributions.kl_divergence(q, model.exact_posterior(v)).mean()
+    return kl_divergence(q, model.exact_posterior(v)).mean()
 
 
 @dataclass(frozen=True)
