@@ -128,8 +128,9 @@ class BiSMScore(ScoreEstimator):
 
         def score(v: torch.Tensor) -> torch.Tensor:
             sample = q.rsample(q(v.detach()), n_particles, generator)
-            if n_particles == 1:  # one particle: no particle axis, so no broadcast is differentiated twice
-                sample, v_per_particle = sample.squeeze(0), v
+            if n_particles == 1:  # one particle: no particle axis, so no broadcast is differentiated twice; a view
+                # of v, not the leaf itself, which tools that hook a module's inputs (FlopCounterMode) refuse here
+                sample, v_per_particle = sample.squeeze(0), v.view_as(v)
             else:
                 v_per_particle = v.expand((n_particles,) + v.shape)
             h = q.latent(sample)
