@@ -6,8 +6,9 @@
 The default run's iteration (GRBM 2->4, linear relaxed-Bernoulli q at temperature 0.1, ELBO lower loss, K = 5 real
 Adam steps of q, an N = 5 step differentiable Adam unroll, DSM sigma 0.05 with BiSM's score, one Adam step of the
 energy, batch 100) hand-written with no abstraction: tensors in lists, one function per loss, in-place tensor-list
-Adam for the real steps, the differentiable one for the unroll. It does the same operations as eblvm's step, but
-none of its generality (objectives, estimators, posteriors, ensembles, finiteness decisions, schedules).
+Adam for the real steps, the differentiable one (eblvm's folded form) for the unroll. It does the work eblvm's step
+does, the losses' and gradients' finiteness check included, but none of its generality (objectives, estimators,
+posteriors, ensembles, schedules, one decision across ranks).
 
 Printed, each the median ms per iteration after a warm-up, all in one process one after the other:
 
@@ -67,9 +68,9 @@ def elbo_loss(theta, phi, v, generator):
 
 
 def adam_in_place(params, grads, moments, step):
+    """torch.optim.Adam's step in place, in its fewest tensor-list operations."""
     exp_avg, exp_avg_sq = moments
-    torch._foreach_mul_(exp_avg, BETAS[0])
-    torch._foreach_add_(exp_avg, grads, alpha=1 - BETAS[0])
+    torch._foreach_lerp_(exp_avg, grads, 1 - BETAS[0])
     torch._foreach_mul_(exp_avg_sq, BETAS[1])
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - BETAS[1])
     denom = torch._foreach_div(exp_avg_sq, 1 - BETAS[1] ** step)
@@ -79,12 +80,14 @@ def adam_in_place(params, grads, moments, step):
 
 
 def adam_differentiable(params, grads, moments, step):
-    exp_avg = torch._foreach_add(torch._foreach_mul(moments[0], BETAS[0]), grads, alpha=1 - BETAS[0])
+    """The unroll's Adam step (with the square root's stabiliser), in the folded form of eblvm's rule:
+    ``φ − c₁·m / (√(v + δc₂) + eps·√c₂)`` with ``c₂ = 1 − β₂ᵗ`` and ``c₁ = lr·√c₂/(1 − β₁ᵗ)``."""
+    c2 = 1 - BETAS[1] ** step
+    exp_avg = torch._foreach_lerp(moments[0], grads, 1 - BETAS[0])
     exp_avg_sq = torch._foreach_addcmul(torch._foreach_mul(moments[1], BETAS[1]), grads, grads, 1 - BETAS[1])
-    corrected = torch._foreach_add(torch._foreach_div(exp_avg_sq, 1 - BETAS[1] ** step), SQRT_STABILISER)
-    denom = torch._foreach_add(torch._foreach_sqrt(corrected), EPS)
-    update = torch._foreach_mul(torch._foreach_div(exp_avg, denom), -LR / (1 - BETAS[0] ** step))
-    return torch._foreach_add(params, update), [exp_avg, exp_avg_sq]
+    denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_add(exp_avg_sq, SQRT_STABILISER * c2)), EPS * c2**0.5)
+    update = torch._foreach_div(exp_avg, denom)
+    return torch._foreach_add(params, update, alpha=-LR * c2**0.5 / (1 - BETAS[0] ** step)), [exp_avg, exp_avg_sq]
 
 
 class HandWritten:
@@ -179,6 +182,8 @@ class _RuleOptimizer(torch.optim.Optimizer):
         self.iteration = iteration
 
     def step(self, closure=None):
+        if closure is not None:  # Lightning's closure runs its before-optimizer-step hooks, as eblvm's step does
+            closure()
         self.iteration.energy_step()
 
 

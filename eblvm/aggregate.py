@@ -68,7 +68,7 @@ def group_by_setting(runs: Iterable[tuple[Sequence[str], Run]]) -> dict[tuple[st
 
 
 def mean_and_stdev(values: Sequence[float]) -> tuple[float, float]:
-    """The mean and sample standard deviation of ``values`` (0 for one value). A non-finite value (a diverged
+    """The mean and sample standard deviation of ``values`` (0 for one finite value). A non-finite value (a diverged
     run's loss, an infinite divergence) makes the mean non-finite and the deviation nan, where ``statistics``
     would raise."""
     if not all(math.isfinite(value) for value in values):

@@ -134,7 +134,7 @@ class _ListOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose ``step`` is one of the functional rules above, applied in place.
 
     The unroll differentiates the same functions, so a real step and an unrolled one follow one rule. One step
-    costs a dozen tensor-list operations, where ``torch.optim``'s own step adds about a millisecond of Python per
+    costs about ten tensor-list operations, where ``torch.optim``'s own step adds about a millisecond of Python per
     call, which the K lower steps of every iteration pay K times. A subclass names its ``rule`` and gives a
     parameter's state (``_state``), initial or kept.
     """

@@ -40,8 +40,8 @@ from eblvm.checkpoints import load_checkpoint  # noqa: E402
 from eblvm.evaluation.plots import plot_density_grid, save_figure  # noqa: E402
 from eblvm.studies import Method, code_version, collect, launch_ensembles, load_model, provenance  # noqa: E402
 
-# Each method's cost is its seconds per 1000 steps in the 20k study (results.md, results_vages.md): the study
-# starts the costliest first, so that both queues finish together.
+# Each method's cost is its seconds per 1000 steps in the 20k study (results.md, results_vages.md; IS-KSD's and
+# VaGES-KSD's three settings share their mean): the study starts the costliest first, so both queues end together.
 BISM_METHODS = (
     Method("BiDSM N=0", ("experiment=checkerboard_bidsm", "objective.n_unroll=0"), cost=6.5),
     Method("BiDSM N=5", ("experiment=checkerboard_bidsm",), cost=12.3),
