@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -278,7 +278,7 @@ def main() -> None:
     if not args.aggregate_only:
         seeds = study.seeds[args.setting]
         print(f"checkerboard study ({study.paper}), {args.setting}: {len(methods)} methods x {len(seeds)} seeds")
-        named = [Method(directory_name(m), m.overrides, m.cost) for m in methods]
+        named = [replace(m, name=directory_name(m)) for m in methods]
         seconds = launch_ensembles(named, SETTINGS[args.setting] + ALWAYS, seeds, runs_dir, args.jobs)
     command = "python experiments/checkerboard/study.py " + " ".join(sys.argv[1:])
     print(f"wrote {aggregate(study, args.setting, args.out, command.strip(), version, seconds)}")
