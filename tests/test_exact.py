@@ -349,6 +349,28 @@ def test_the_tensor_list_optimizers_step_as_torch_optim_does(float64, ours, thei
             torch.testing.assert_close(mine, reference, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("optimizer", [Adam, SGD], ids=["adam", "sgd"])
+def test_a_masked_member_gets_no_gradient_and_no_weight_decay(float64, optimizer):
+    """An ensemble's masked member (a non-finite gradient here) keeps its parameters and its state gets a zero
+    gradient, weight decay included, while the active member steps as it would alone."""
+    start = torch.randn(2, 3, generator=torch.Generator().manual_seed(71))
+    stacked, alone = start.clone().requires_grad_(True), start[0].clone().requires_grad_(True)
+    options = {"lr": 0.05, "weight_decay": 0.1} | ({"momentum": 0.5} if optimizer is SGD else {})
+    ensemble, single = optimizer([stacked], **options), optimizer([alone], **options)
+    ensemble.param_groups[0]["member_mask"] = torch.tensor([True, False])
+    for _ in range(3):
+        stacked.grad = torch.stack([(start[0] ** 2).sum() * torch.ones(3), torch.full((3,), float("nan"))])
+        alone.grad = (start[0] ** 2).sum() * torch.ones(3)
+        ensemble.step()
+        single.step()
+    assert torch.equal(stacked[1], start[1])
+    torch.testing.assert_close(stacked[0], alone, rtol=0, atol=1e-12)
+    for name, value in ensemble.state[stacked].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value[1], torch.zeros(3)), name
+            torch.testing.assert_close(value[0], single.state[alone][name], rtol=0, atol=1e-12)
+
+
 def test_unroll_takes_the_adam_step_at_the_cosine_scheduled_learning_rate(float64):
     total_steps, t = 10, 7
     config = OptimConfig(scheduler="cosine", lr=1e-3, posterior_lr=0.05, min_lr=1e-3)

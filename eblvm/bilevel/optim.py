@@ -47,11 +47,11 @@ def _decayed_gradients(
     names = [name for name in params if grads[name] is not None]
     weights = [params[name] for name in names]
     gradients = [grads[name] for name in names]
-    if group.get("member_mask") is not None:
-        mask = group["member_mask"]
-        gradients = [torch.where(_per_member(mask, grad), grad, 0.0) for grad in gradients]
     if names and group["weight_decay"]:
         gradients = torch._foreach_add(gradients, weights, alpha=group["weight_decay"])
+    if group.get("member_mask") is not None:  # after the decay, so that a masked member's gradient is zero
+        mask = group["member_mask"]
+        gradients = [torch.where(_per_member(mask, grad), grad, 0.0) for grad in gradients]
     return names, weights, gradients
 
 
