@@ -68,6 +68,15 @@ def test_nk_study_quick_writes_table_and_gradient_bias_figure(tmp_path):
     assert len(list((tmp_path / "runs" / "quick").glob("grid*/K*_N*/summary.json"))) == 16
 
 
+def test_nk_study_deals_its_k_values_to_queues_of_equal_measured_cost():
+    """With two jobs the (K, N) grid's queues are K ∈ {0, 10} and {1, 5}: a run's fixed cost (start-up, N's unroll,
+    the energy step) is about eight lower steps' worth, so the K = 10 runs alone (the old split, which counted a run
+    as 1 + K) were 4 of 16 runs and left one core idle for the last 13 of 31 minutes."""
+    study = _import_script("experiments/nk_study/study.py")
+    queues = [next(o for o in method.overrides if "n_lower_steps=" in o) for method in study.grid_methods(jobs=2)]
+    assert sorted(queues) == ["objective.n_lower_steps=0,10", "objective.n_lower_steps=1,5"]
+
+
 def test_vages_grid_quick_writes_tables_and_figure(tmp_path, monkeypatch):
     _run_quick(tmp_path, "experiments/nk_study/study.py", "--study", "vages", "--repeats", "3", timeout=900)
     table = (tmp_path / "results_vages_quick.md").read_text()

@@ -70,14 +70,16 @@ def split_grid(
     rest: tuple[str, tuple[int, ...]],
     subdir: str,
     jobs: int,
+    fixed_cost: float,
 ) -> list[Method]:
     """A two-way grid of integer settings as ``jobs`` multiruns of about equal cost: the values of the ``split``
-    key (each run's cost taken as 1 + value) are dealt out largest first, and each multirun sweeps all of ``rest``'s
-    values; ``subdir`` names each run's folder."""
+    key are dealt out largest first, each to the cheapest queue so far, and each multirun sweeps all of ``rest``'s
+    values; ``subdir`` names each run's folder. A run's cost is taken as ``fixed_cost + value``, in units of what
+    one more of the split setting costs per step (averaged over ``rest``'s values)."""
     (split_key, split_values), (rest_key, rest_values) = split, rest
     queues: list[list[int]] = [[] for _ in range(jobs)]
     for value in sorted(split_values, reverse=True):
-        min(queues, key=lambda queue: sum(1 + other for other in queue)).append(value)
+        min(queues, key=lambda queue: sum(fixed_cost + other for other in queue)).append(value)
     return [
         Method(
             f"{name}{'_'.join(map(str, sorted(queue)))}",
@@ -97,14 +99,17 @@ def split_grid(
 def grid_methods(jobs: int) -> list[Method]:
     """BiDSM's (K, N) grid, the K values dealt out over the ``jobs`` multiruns."""
     subdir = "K${objective.n_lower_steps}_N${objective.n_unroll}"
-    return split_grid("grid_K", "bism", ("n_lower_steps", COUNTS), ("n_unroll", COUNTS), subdir, jobs)
+    # The 20k-step default run's ms per step was about 2.0 + 0.7·K + 0.96·N, so a run (N averaged over the grid)
+    # costs about 8 + K lower steps' worth.
+    return split_grid("grid_K", "bism", ("n_lower_steps", COUNTS), ("n_unroll", COUNTS), subdir, jobs, fixed_cost=8)
 
 
 def vages_methods(setting: str, jobs: int) -> list[Method]:
     """VaGES-DSM's (L, K) grid, the L values dealt out over the ``jobs`` multiruns."""
     subdir = "L${objective.n_particles}_K${objective.n_lower_steps}"
     split, rest = ("n_particles", VAGES_PARTICLES[setting]), ("n_lower_steps", VAGES_LOWER_STEPS[setting])
-    return split_grid("vages_L", "vages", split, rest, subdir, jobs)
+    # The short run's ms per step (K averaged) was about 21.6 + 1.8·L, so a run costs about 12 + L particles' worth.
+    return split_grid("vages_L", "vages", split, rest, subdir, jobs, fixed_cost=12)
 
 
 def restart_point(run_dir: Path):
