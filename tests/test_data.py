@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sklearn.datasets import load_digits
+from torchdata.stateful_dataloader.sampler import BatchSampler, RandomSampler
 
 from eblvm.data import (
     EBLVMDataModule,
@@ -28,6 +29,7 @@ from eblvm.data import (
     swiss_roll,
     tensor_file,
 )
+from eblvm.data.datamodule import shuffle_generator
 from eblvm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,6 +281,52 @@ def test_datamodule_batches_are_plain_tensors():
 def test_datamodule_small_training_set_keeps_its_partial_batch():
     datamodule = EBLVMDataModule(make_splits(40), batch_size=100)
     assert [batch.shape for batch in datamodule.train_dataloader()] == [(40, 3)]
+
+
+def _member_loader(splits: Splits, seeds: list[int]):
+    datamodule = EBLVMDataModule(splits, batch_size=100)
+    datamodule.shuffle_seeds = seeds
+    return datamodule.train_dataloader()
+
+
+@pytest.mark.parametrize("n_train", [250, 40])  # full batches (the last partial one dropped), and one partial batch
+def test_ensemble_batches_are_each_seeds_own_epoch_after_epoch(monkeypatch, n_train):
+    """An ensemble's batch is ``(S, B, d)``, member ``k``'s rows those the run with seed ``k`` alone draws."""
+    splits, seeds = make_splits(n_train), [3, 11]
+    alone = []
+    for seed in seeds:
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))
+        loader = EBLVMDataModule(splits, batch_size=100).train_dataloader()
+        alone.append([batch for _ in range(3) for batch in loader])  # three epochs
+    loader = _member_loader(splits, seeds)
+    together = [batch for _ in range(3) for batch in loader]
+    assert len(together) == len(alone[0]) == 3 * max(n_train // 100, 1)
+    for step, batch in enumerate(together):
+        assert batch.shape == (2, min(n_train, 100), 3)
+        for member in range(2):
+            assert torch.equal(batch[member], alone[member][step]), (member, step)
+
+
+def test_ensemble_batches_resume_mid_epoch_from_either_state_format():
+    """A loader restored from a state taken mid-epoch goes on with the same batches, from this format's state and
+    from the one ensembles wrote before (one torchdata ``BatchSampler`` iterator state per member)."""
+    splits, seeds = make_splits(250), [3, 11]  # two batches an epoch
+    interrupted = _member_loader(splits, seeds)
+    list(interrupted)  # the first epoch
+    epoch = iter(interrupted)
+    next(epoch)
+    state, expected = interrupted.state_dict(), next(epoch)
+    old_members = []
+    for seed in seeds:
+        sampler = BatchSampler(RandomSampler(splits.train, generator=shuffle_generator(seed)), 100, True)
+        list(sampler)  # the first epoch
+        second_epoch = iter(sampler)
+        next(second_epoch)
+        old_members.append(second_epoch.state_dict())
+    for saved in (state, {**state, "_sampler_iter_state": {"members": old_members}}):
+        resumed = _member_loader(splits, seeds)
+        resumed.load_state_dict(saved)
+        assert torch.equal(next(iter(resumed)), expected)
 
 
 def test_datamodule_train_on_val_concatenates():

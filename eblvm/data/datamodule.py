@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import Stateful, StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import BatchSampler, RandomSampler, StatefulDistributedSampler
+from torchdata.stateful_dataloader.sampler import RandomSampler, StatefulDistributedSampler
 
 from eblvm.checkpoints import gather_rank_states, own_rank_state
 from eblvm.data.splits import Splits
@@ -27,12 +27,11 @@ PIXEL_RANGES = ("unit", "symmetric")
 
 class Rows(Dataset):
     """The rows of one (N, d) tensor; a batch is fetched by one indexing operation (``__getitems__``), not row by
-    row and stacked, in the order the loader's sampler gives. With ``members = S`` the indices are S members'
-    batches one after the other, and the batch is ``(S, B, d)``."""
+    row and stacked, in the order the loader's sampler gives: a list of B indices gives a ``(B, d)`` batch, an
+    ensemble's ``(S, B)`` index tensor (``MemberBatches``) an ``(S, B, d)`` one."""
 
-    def __init__(self, data: torch.Tensor, members: int | None = None):
+    def __init__(self, data: torch.Tensor):
         self.data = data
-        self.members = members
 
     def __len__(self) -> int:
         return len(self.data)
@@ -40,39 +39,61 @@ class Rows(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.data[index]
 
-    def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        rows = self.data[indices]
-        return rows if self.members is None else rows.view(self.members, -1, rows.shape[-1])
+    def __getitems__(self, indices: list[int] | torch.Tensor) -> torch.Tensor:
+        return self.data[indices]
 
 
-class MemberBatches(Sampler[list[int]]):
-    """The batches of an ensemble's members, each from a shuffling generator of its own: batch ``t`` is the
-    concatenation of every member's batch ``t``, as the run with that member's seed alone draws it. Its iterator
-    keeps each member's position and generator state, so a resumed ensemble sees the same batches."""
+class MemberBatches(Sampler[torch.Tensor]):
+    """The batches of an ensemble's members, each shuffled by a generator of its own: batch ``t`` is an ``(S, B)``
+    index tensor whose row ``k`` is member ``k``'s batch ``t`` as the run with that member's seed alone draws it
+    (torchdata's ``RandomSampler`` and ``BatchSampler``: one ``torch.randperm`` of the rows per epoch from the
+    shuffling generator, cut into batches of ``batch_size``, a last partial batch dropped when ``drop_last``). Its
+    iterator keeps the generators' states at the epoch's start and its position, so a resumed ensemble sees the
+    same batches."""
 
-    def __init__(self, members: list[BatchSampler]):
-        self.members = members
+    def __init__(self, n_rows: int, batch_size: int, drop_last: bool, generators: list[torch.Generator]):
+        self.n_rows, self.batch_size, self.drop_last, self.generators = n_rows, batch_size, drop_last, generators
 
     def __iter__(self):
-        return _MemberBatchesIterator([iter(member) for member in self.members])
+        return _MemberBatchesIterator(self)
 
     def __len__(self) -> int:
-        return len(self.members[0])
+        return self.n_rows // self.batch_size if self.drop_last else math.ceil(self.n_rows / self.batch_size)
 
 
-class _MemberBatchesIterator(Iterator[list[int]], Stateful):
-    def __init__(self, iterators: list):
-        self.iterators = iterators
+class _MemberBatchesIterator(Iterator[torch.Tensor], Stateful):
+    def __init__(self, sampler: MemberBatches):
+        self.sampler = sampler
+        self.yielded = 0
+        self._shuffle()
 
-    def __next__(self) -> list[int]:
-        return [index for iterator in self.iterators for index in next(iterator)]
+    def _shuffle(self) -> None:
+        """The epoch's permutations, one row per member, and the generators' states they were drawn from."""
+        generators = self.sampler.generators
+        self.generator_states = [generator.get_state() for generator in generators]
+        self.order = torch.stack([torch.randperm(self.sampler.n_rows, generator=g) for g in generators])
+
+    def __next__(self) -> torch.Tensor:
+        if self.yielded == len(self.sampler):
+            raise StopIteration
+        start = self.yielded * self.sampler.batch_size
+        self.yielded += 1
+        return self.order[:, start : start + self.sampler.batch_size]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"members": [iterator.state_dict() for iterator in self.iterators]}
+        return {"generator_states": self.generator_states, "yielded": self.yielded}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for iterator, state in zip(self.iterators, state_dict["members"], strict=True):
-            iterator.load_state_dict(state)
+        if "members" in state_dict:  # written before the batches were index tensors: one torchdata state per member
+            members = state_dict["members"]
+            state_dict = {
+                "generator_states": [member["sampler_iter_state"]["generator"] for member in members],
+                "yielded": members[0]["samples_yielded"] // self.sampler.batch_size,
+            }
+        for generator, state in zip(self.sampler.generators, state_dict["generator_states"], strict=True):
+            generator.set_state(state)
+        self._shuffle()
+        self.yielded = state_dict["yielded"]
 
 
 def shuffle_generator(seed: int) -> torch.Generator:
@@ -236,11 +257,9 @@ class EBLVMDataModule(pl.LightningDataModule):
         rows = Rows(self.train_data)
         if self.shuffle_seeds is not None:
             require(world_size == 1, "trainer.devices", world_size, "an ensemble trains in one process: use 1")
-            members = [
-                BatchSampler(RandomSampler(rows, generator=shuffle_generator(seed)), self.batch_size, drop_last)
-                for seed in self.shuffle_seeds
-            ]
-            return self._loader(Rows(self.train_data, members=len(members)), batch_sampler=MemberBatches(members))
+            generators = [shuffle_generator(seed) for seed in self.shuffle_seeds]
+            batches = MemberBatches(len(rows), self.batch_size, drop_last, generators)
+            return self._loader(rows, batch_sampler=batches)
         if world_size > 1:
             sampler = ResumableDistributedSampler(
                 rows, num_replicas=world_size, rank=self.trainer.global_rank, seed=_lightning_seed(), drop_last=True
