@@ -41,33 +41,36 @@ class MemberGenerators:
 Generator = torch.Generator | MemberGenerators | None
 
 
-def _draw(sample: Callable[[tuple[int, ...], torch.Generator | None], torch.Tensor], shape, generator: Generator):
-    """``sample(shape, generator)``, or for ``MemberGenerators`` one draw of the member's shape per member, stacked
-    on the member axis of ``shape`` (which must be there)."""
+def _draw(fill: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor], shape, generator: Generator, like,
+          dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+    """A tensor of ``shape`` on ``like``'s device and in ``dtype`` (default ``like``'s) filled in place by
+    ``fill(tensor, generator)``; for ``MemberGenerators`` each member's draw, of the member's shape (``shape``
+    without its member axis, which must be there), is filled from its own generator, as the run alone draws it, and
+    the draws are stacked on the member axis."""
     shape = tuple(shape)
+    options = {"device": like.device, "dtype": like.dtype if dtype is None else dtype}
     if not isinstance(generator, MemberGenerators):
-        return sample(shape, generator)
+        return fill(torch.empty(shape, **options), generator)
     axis = len(shape) + MEMBER_AXIS
     if axis < 0 or shape[axis] != len(generator):
         raise ValueError(f"an ensemble of {len(generator)} draws row tensors (..., S, B, x), not of shape {shape}")
-    member_shape = shape[:axis] + shape[axis + 1 :]
-    return torch.stack([sample(member_shape, member) for member in generator.generators], dim=axis)
+    draws = torch.empty((len(generator), *shape[:axis], *shape[axis + 1 :]), **options)
+    for draw, member in zip(draws, generator.generators, strict=True):
+        fill(draw, member)
+    return draws.movedim(0, axis).contiguous()
 
 
 def gaussian(shape, generator: Generator, like: torch.Tensor) -> torch.Tensor:
     """Standard normal draws of ``shape`` on ``like``'s device and dtype."""
-    return _draw(lambda s, g: torch.randn(s, generator=g, device=like.device, dtype=like.dtype), shape, generator)
+    return _draw(lambda tensor, g: tensor.normal_(generator=g), shape, generator, like)
 
 
 def uniform(shape, generator: Generator, like: torch.Tensor) -> torch.Tensor:
     """Uniform draws in [0, 1) of ``shape`` on ``like``'s device and dtype."""
-    return _draw(lambda s, g: torch.rand(s, generator=g, device=like.device, dtype=like.dtype), shape, generator)
+    return _draw(lambda tensor, g: tensor.uniform_(generator=g), shape, generator, like)
 
 
 def signs(shape, generator: Generator, like: torch.Tensor) -> torch.Tensor:
     """Rademacher draws (±1 with probability ½ each) of ``shape`` on ``like``'s device and dtype."""
-
-    def sample(s, g):
-        return (2 * torch.randint(0, 2, s, generator=g, device=like.device) - 1).to(like.dtype)
-
-    return _draw(sample, shape, generator)
+    bits = _draw(lambda tensor, g: tensor.random_(0, 2, generator=g), shape, generator, like, dtype=torch.int64)
+    return (2 * bits - 1).to(like.dtype)

@@ -117,13 +117,18 @@ def test_members_vary_learning_rate_and_noise_level_as_their_own_runs(tmp_path):
 
 
 def test_member_generators_draw_what_each_seed_draws():
-    generators = MemberGenerators([5, 6])
-    stacked = noise.gaussian((4, 2, 3, 2), generators, torch.zeros(()))
-    for member, seed in enumerate([5, 6]):
-        alone = torch.randn((4, 3, 2), generator=torch.Generator().manual_seed(seed))
-        assert torch.equal(stacked[:, member], alone)
+    draws = {
+        noise.gaussian: lambda generator: torch.randn((4, 3, 2), generator=generator),
+        noise.uniform: lambda generator: torch.rand((4, 3, 2), generator=generator),
+        noise.signs: lambda generator: 2.0 * torch.randint(0, 2, (4, 3, 2), generator=generator) - 1,
+    }
+    for draw, draw_alone in draws.items():
+        stacked = draw((4, 2, 3, 2), MemberGenerators([5, 6]), torch.zeros(()))
+        assert stacked.is_contiguous()
+        for member, seed in enumerate([5, 6]):
+            assert torch.equal(stacked[:, member], draw_alone(torch.Generator().manual_seed(seed))), draw.__name__
     with pytest.raises(ValueError, match="row tensors"):
-        noise.uniform((3, 2), generators, torch.zeros(()))
+        noise.uniform((3, 2), MemberGenerators([5, 6]), torch.zeros(()))
 
 
 def test_a_diverging_member_is_masked_and_the_others_go_on(tmp_path):
