@@ -329,19 +329,22 @@ def test_cd_with_long_chains_is_unbiased_and_cd1_is_not(float64):
     [
         (Adam, torch.optim.Adam, {"lr": 0.05, "betas": (0.9, 0.95), "weight_decay": 0.01}),
         (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.01}),
+        (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.5}),
         (SGD, torch.optim.SGD, {"lr": 0.1}),
     ],
-    ids=["adam", "sgd-momentum", "sgd"],
+    ids=["adam", "sgd-momentum-decay", "sgd-momentum", "sgd"],
 )
-def test_the_tensor_list_optimizers_step_as_torch_optim_does(float64, ours, theirs, options):
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["grads-dropped", "grads-zeroed-in-place"])
+def test_the_tensor_list_optimizers_step_as_torch_optim_does(float64, ours, theirs, options, set_to_none):
     """eblvm's Adam and SGD (the unroll's update rules, applied in place) against torch.optim's, over steps in
-    which one parameter has no gradient on alternate steps (it must be skipped, its state untouched)."""
+    which one parameter has no gradient on alternate steps (dropped gradients: it must be skipped, its state
+    untouched), and with gradients zeroed in place between steps (no kept state may be a gradient tensor)."""
     start = [torch.randn(3, 2, generator=torch.Generator().manual_seed(70)), torch.randn(2)]
     weights = {kind: [w.clone().requires_grad_(True) for w in start] for kind in ("ours", "theirs")}
     optimizers = {"ours": ours(weights["ours"], **options), "theirs": theirs(weights["theirs"], **options)}
     for step in range(6):
         for kind, (matrix, vector) in weights.items():
-            optimizers[kind].zero_grad(set_to_none=True)
+            optimizers[kind].zero_grad(set_to_none=set_to_none)
             loss = (matrix**3).sum() + (0 if step % 2 else (vector.sin() * matrix[0]).sum())
             loss.backward()
             optimizers[kind].step()

@@ -55,11 +55,23 @@ def _decayed_gradients(
     return names, weights, gradients
 
 
-def _scaled(tensors: list[torch.Tensor], factors: list[float], rates: float | torch.Tensor) -> list[torch.Tensor]:
+def _foreach(op: str, tensors: list[torch.Tensor], *args, in_place: bool, **kwargs) -> list[torch.Tensor]:
+    """``torch._foreach_<op>(tensors, *args, **kwargs)``: new tensors (differentiable), or with ``in_place`` the
+    same tensors updated in place (a real step: no allocation, fewer passes over the weights)."""
+    if in_place:
+        getattr(torch, f"_foreach_{op}_")(tensors, *args, **kwargs)
+        return tensors
+    return getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs)
+
+
+def _scaled(
+    tensors: list[torch.Tensor], factors: list[float], rates: float | torch.Tensor, in_place: bool
+) -> list[torch.Tensor]:
     """``tensors[i] · factors[i] · rates``, with ``rates`` a learning rate or an ensemble's one rate per member."""
     if isinstance(rates, torch.Tensor):
-        return torch._foreach_mul(tensors, [_per_member(rates, t) * f for t, f in zip(tensors, factors, strict=True)])
-    return torch._foreach_mul(tensors, [rates * factor for factor in factors])
+        scales = [_per_member(rates, t) * f for t, f in zip(tensors, factors, strict=True)]
+        return _foreach("mul", tensors, scales, in_place=in_place)
+    return _foreach("mul", tensors, [rates * factor for factor in factors], in_place=in_place)
 
 
 def adam_step(
@@ -68,8 +80,10 @@ def adam_step(
     state: dict[str, Tensors],
     group: dict,
     sqrt_stabiliser: float = 0.0,
+    in_place: bool = False,
 ):
-    """One Adam step (``torch.optim.Adam`` semantics, coupled weight decay), differentiable in every term.
+    """One Adam step (``torch.optim.Adam`` semantics, coupled weight decay), differentiable in every term, or with
+    ``in_place`` (a real step, under ``torch.no_grad``) applied to ``params`` and ``state``'s moments themselves.
 
     ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``, ``φ ← φ − lr·(m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ) + δ) + eps)``,
     and ``δ = sqrt_stabiliser`` (0 for real steps, as in ``torch.optim.Adam``; the unroll sets a tiny one so its
@@ -85,27 +99,33 @@ def adam_step(
     if not names:
         return new_params, new_state
     steps = [state[name]["step"] + 1 for name in names]
-    exp_avg = torch._foreach_lerp([state[name]["exp_avg"] for name in names], gradients, 1 - beta1)
-    exp_avg_sq = torch._foreach_addcmul(
-        torch._foreach_mul([state[name]["exp_avg_sq"] for name in names], beta2), gradients, gradients, 1 - beta2
-    )
+    exp_avg = _foreach("lerp", [state[name]["exp_avg"] for name in names], gradients, 1 - beta1, in_place=in_place)
+    exp_avg_sq = _foreach("mul", [state[name]["exp_avg_sq"] for name in names], beta2, in_place=in_place)
+    exp_avg_sq = _foreach("addcmul", exp_avg_sq, gradients, gradients, 1 - beta2, in_place=in_place)
     corrections = [1 - beta2**step for step in steps]  # c₂
-    stabilised = torch._foreach_add(exp_avg_sq, [sqrt_stabiliser * c2 for c2 in corrections])
-    denom = torch._foreach_add(torch._foreach_sqrt(stabilised), [group["eps"] * math.sqrt(c2) for c2 in corrections])
+    denom = torch._foreach_add(exp_avg_sq, [sqrt_stabiliser * c2 for c2 in corrections])  # new tensors either way
+    denom = _foreach("sqrt", denom, in_place=in_place)
+    denom = _foreach("add", denom, [group["eps"] * math.sqrt(c2) for c2 in corrections], in_place=in_place)
     step_sizes = [-math.sqrt(c2) / (1 - beta1**step) for c2, step in zip(corrections, steps, strict=True)]
     # (torch._foreach_addcdiv with a list of scalars has no correct backward in torch 2.14: kept apart)
-    updated = torch._foreach_add(
-        weights, _scaled(torch._foreach_div(exp_avg, denom), step_sizes, member_learning_rates(group))
-    )
+    update = _scaled(torch._foreach_div(exp_avg, denom), step_sizes, member_learning_rates(group), in_place)
+    updated = _foreach("add", weights, update, in_place=in_place)
     for name, weight, step, m, v in zip(names, updated, steps, exp_avg, exp_avg_sq, strict=True):
         new_params[name] = weight
         new_state[name] = {"step": step, "exp_avg": m, "exp_avg_sq": v}
     return new_params, new_state
 
 
-def sgd_step(params: Tensors, grads: dict[str, torch.Tensor | None], state: dict[str, Tensors], group: dict):
+def sgd_step(
+    params: Tensors,
+    grads: dict[str, torch.Tensor | None],
+    state: dict[str, Tensors],
+    group: dict,
+    in_place: bool = False,
+):
     """One SGD step (``torch.optim.SGD`` semantics: weight decay, momentum with dampening, Nesterov), by
-    tensor-list operations; a parameter without a gradient (None) keeps its value and its momentum, as
+    tensor-list operations, differentiable, or with ``in_place`` (a real step) applied to ``params`` and the
+    momentum buffers themselves; a parameter without a gradient (None) keeps its value and its momentum, as
     ``torch.optim.SGD`` skips it."""
     names, weights, directions = _decayed_gradients(params, grads, group)
     new_params, new_state = dict(params), dict(state)
@@ -115,15 +135,19 @@ def sgd_step(params: Tensors, grads: dict[str, torch.Tensor | None], state: dict
     if group["momentum"]:
         momentum, dampening = group["momentum"], group["dampening"]
         buffers = [
-            grad if buffer is None else torch.add(momentum * buffer, grad, alpha=1 - dampening)
+            (grad.clone() if in_place else grad)  # a kept buffer must not be the gradient tensor itself
+            if buffer is None
+            else (buffer.mul_(momentum).add_(grad, alpha=1 - dampening) if in_place
+                  else torch.add(momentum * buffer, grad, alpha=1 - dampening))
             for grad, buffer in zip(directions, buffers, strict=True)
-        ]
+        ]  # fmt: skip
         directions = torch._foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else buffers
     rates = member_learning_rates(group)
     if isinstance(rates, torch.Tensor):
-        updated = torch._foreach_add(weights, _scaled(directions, [-1.0] * len(directions), rates))
+        step = _scaled(list(directions), [-1.0] * len(directions), rates, in_place=False)
+        updated = _foreach("add", weights, step, in_place=in_place)
     else:
-        updated = torch._foreach_add(weights, directions, alpha=-rates)
+        updated = _foreach("add", weights, directions, in_place=in_place, alpha=-rates)
     for name, weight, buffer in zip(names, updated, buffers, strict=True):
         new_params[name] = weight
         new_state[name] = {"momentum_buffer": buffer}
@@ -134,9 +158,10 @@ class _ListOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose ``step`` is one of the functional rules above, applied in place.
 
     The unroll differentiates the same functions, so a real step and an unrolled one follow one rule. One step
-    costs about ten tensor-list operations, where ``torch.optim``'s own step adds about a millisecond of Python per
-    call, which the K lower steps of every iteration pay K times. A subclass names its ``rule`` and gives a
-    parameter's state (``_state``), initial or kept.
+    costs about ten in-place tensor-list operations. ``torch.optim``'s own step costs more here, even fused: on a
+    CUDA build without a GPU it asks ``torch.cuda.is_available()`` on every step (graph-capture check), which
+    under Lightning's NVML-based check loads the NVML library each time, and the K lower steps of every iteration
+    pay that K times. A subclass names its ``rule`` and gives a parameter's state (``_state``), initial or kept.
     """
 
     @torch.no_grad()
@@ -148,8 +173,7 @@ class _ListOptimizer(torch.optim.Optimizer):
                 continue
             grads = {index: p.grad for index, p in params.items()}
             state = {index: self._state(p) for index, p in params.items()}
-            new_params, new_state = self.rule(params, grads, state, group)
-            torch._foreach_copy_(list(params.values()), [new_params[index] for index in params])
+            _, new_state = self.rule(params, grads, state, group, in_place=True)
             for index, p in params.items():
                 self.state[p] = new_state[index]
         return loss
