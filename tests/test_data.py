@@ -329,6 +329,21 @@ def test_ensemble_batches_resume_mid_epoch_from_either_state_format():
         assert torch.equal(next(iter(resumed)), expected)
 
 
+def test_ensemble_batches_resume_after_a_partial_batch_from_the_earlier_state_format():
+    """A training set smaller than the batch: the one (partial) batch of an epoch, once drawn, is not drawn again
+    from the state ensembles wrote before."""
+    splits, seeds = make_splits(40), [3, 11]
+    old_members = []
+    for seed in seeds:
+        epoch = iter(BatchSampler(RandomSampler(splits.train, generator=shuffle_generator(seed)), 100, False))
+        next(epoch)
+        old_members.append(epoch.state_dict())
+    iterator = iter(_member_loader(splits, seeds).batch_sampler)
+    iterator.load_state_dict({"members": old_members})
+    with pytest.raises(StopIteration):
+        next(iterator)
+
+
 def test_datamodule_train_on_val_concatenates():
     splits = make_splits(200)
     datamodule = EBLVMDataModule(splits, batch_size=10, train_on_val=True)

@@ -144,7 +144,7 @@ def sgd_step(
         directions = torch._foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else buffers
     rates = member_learning_rates(group)
     if isinstance(rates, torch.Tensor):
-        step = _scaled(list(directions), [-1.0] * len(directions), rates, in_place=False)
+        step = _scaled(directions, [-1.0] * len(directions), rates, in_place=False)
         updated = _foreach("add", weights, step, in_place=in_place)
     else:
         updated = _foreach("add", weights, directions, in_place=in_place, alpha=-rates)

@@ -1,9 +1,9 @@
 """Differentiable (unrolled) optimizer steps on a posterior's weights, continuing its real optimizer.
 
-The unroll starts from detached copies of q's weights and of its optimizer state, takes ``n_steps`` steps on
-the lower loss with ``create_graph=True``, and returns the final weights ``φ_N`` as functions of the energy's
-parameters θ, so the higher loss's gradient holds the hypergradient through ``φ_N(θ)``. The real posterior
-and its optimizer are never modified.
+The unroll starts from q's weights detached (views of them, which it never writes to) and copies of its optimizer
+state, takes ``n_steps`` steps on the lower loss with ``create_graph=True``, and returns the final weights ``φ_N`` as
+functions of the energy's parameters θ, so the higher loss's gradient holds the hypergradient through ``φ_N(θ)``.
+The real posterior and its optimizer are never modified.
 """
 
 from __future__ import annotations

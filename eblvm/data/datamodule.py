@@ -1,4 +1,5 @@
-"""The LightningDataModule every dataset goes through: batches are plain (B, d) float32 tensors."""
+"""The LightningDataModule every dataset goes through: batches are plain (B, d) float32 tensors, (S, B, d) for an
+ensemble of S members."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ class _MemberBatchesIterator(Iterator[torch.Tensor], Stateful):
             members = state_dict["members"]
             state_dict = {
                 "generator_states": [member["sampler_iter_state"]["generator"] for member in members],
-                "yielded": members[0]["samples_yielded"] // self.sampler.batch_size,
+                "yielded": math.ceil(members[0]["samples_yielded"] / self.sampler.batch_size),  # a partial one too
             }
         for generator, state in zip(self.sampler.generators, state_dict["generator_states"], strict=True):
             generator.set_state(state)
@@ -103,7 +104,7 @@ def shuffle_generator(seed: int) -> torch.Generator:
 
 
 def _batch(rows: torch.Tensor) -> torch.Tensor:
-    """The (B, d) batch ``Rows.__getitems__`` fetched, as it is."""
+    """The batch ``Rows.__getitems__`` fetched ((B, d), or an ensemble's (S, B, d)), as it is."""
     return rows
 
 
