@@ -41,8 +41,13 @@ class MemberGenerators:
 Generator = torch.Generator | MemberGenerators | None
 
 
-def _draw(fill: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor], shape, generator: Generator, like,
-          dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+def _draw(
+    fill: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor],
+    shape,
+    generator: Generator,
+    like: torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """A tensor of ``shape`` on ``like``'s device and in ``dtype`` (default ``like``'s) filled in place by
     ``fill(tensor, generator)``; for ``MemberGenerators`` each member's draw, of the member's shape (``shape``
     without its member axis, which must be there), is filled from its own generator, as the run alone draws it, and

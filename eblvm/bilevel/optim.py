@@ -134,13 +134,16 @@ def sgd_step(
     buffers = [state[name].get("momentum_buffer") for name in names]
     if group["momentum"]:
         momentum, dampening = group["momentum"], group["dampening"]
-        buffers = [
-            (grad.clone() if in_place else grad)  # a kept buffer must not be the gradient tensor itself
-            if buffer is None
-            else (buffer.mul_(momentum).add_(grad, alpha=1 - dampening) if in_place
-                  else torch.add(momentum * buffer, grad, alpha=1 - dampening))
-            for grad, buffer in zip(directions, buffers, strict=True)
-        ]  # fmt: skip
+
+        def next_buffer(grad: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+            """``b ← μb + (1 − dampening)g``, ``b ← g`` at the first step."""
+            if buffer is None:
+                return grad.clone() if in_place else grad  # a kept buffer must not be the gradient tensor itself
+            if in_place:
+                return buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
+            return torch.add(momentum * buffer, grad, alpha=1 - dampening)
+
+        buffers = [next_buffer(grad, buffer) for grad, buffer in zip(directions, buffers, strict=True)]
         directions = torch._foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else buffers
     rates = member_learning_rates(group)
     if isinstance(rates, torch.Tensor):
